@@ -1,0 +1,9 @@
+"""PatchCore industrial image anomaly detection as scikit-learn estimators."""
+
+from .coreset import CoresetSampler, MemoryBank
+from .detector import PatchCoreDetector
+from .features import FeatureExtractor
+
+__version__ = "0.1.0"
+
+__all__ = ["CoresetSampler", "FeatureExtractor", "MemoryBank", "PatchCoreDetector"]

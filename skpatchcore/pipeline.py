@@ -1,0 +1,167 @@
+"""A Pipeline that reaches ``predict_map`` from raw images, and the standard PatchCore pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from sklearn.pipeline import Pipeline
+from sklearn.utils.metaestimators import available_if
+
+from ._images import check_images
+from .coreset import CoresetSampler
+from .detector import PatchCoreDetector
+from .features import FeatureExtractor, _as_hw
+
+__all__ = ["PatchCorePipeline", "make_patchcore"]
+
+
+def _final_has(name):
+    def check(self):
+        getattr(self._final_estimator, name)  # raises AttributeError with the class name
+        return True
+
+    return check
+
+
+def _extractor_of(pipeline):
+    for _, step in pipeline.steps[:-1]:
+        if isinstance(step, FeatureExtractor):
+            return step
+    raise AttributeError(
+        "predict_map on raw images needs a FeatureExtractor step to know the resize; call "
+        "the final step's predict_map on features instead."
+    )
+
+
+class PatchCorePipeline(Pipeline):
+    """:class:`~sklearn.pipeline.Pipeline` that also forwards ``predict_map`` and
+    ``predict_mask``, mapping anomaly maps back to every input image's own pixels.
+
+    It behaves exactly like a Pipeline otherwise (``clone``, slicing, ``GridSearchCV``).
+    The two extra methods are available when the final step has ``predict_map``.
+    """
+
+    @available_if(_final_has("predict_map"))
+    def predict_map(self, X, sigma=4.0):
+        """Pixel anomaly maps at each input image's own resolution.
+
+        Parameters
+        ----------
+        X : images
+            Any form FeatureExtractor accepts.
+        sigma : float, default=4.0
+            Gaussian smoothing, in pixels of the network input (the paper's code uses 4 at
+            224 px); 0 disables.
+
+        Returns
+        -------
+        maps : ndarray (n, H, W) when all images share one size, else list of (H_i, W_i),
+            float32. Higher = more anomalous, same units as ``-score_samples``. The patch grid
+            is upsampled bilinearly to the network input, smoothed, placed back into the
+            resized frame (pixels outside a ``crop_size`` crop get 0, i.e. no evidence), and
+            resized to the original size: the extractor's resize and crop are undone.
+        """
+        images = check_images(X)
+        sizes = images.sizes()
+        Xt = images
+        for _, _, step in self._iter(with_final=False):
+            Xt = step.transform(Xt)
+        grids = self._final_estimator.predict_map(Xt)
+        maps = _grids_to_images(grids, sizes, _extractor_of(self), sigma)
+        if len({m.shape for m in maps}) == 1:
+            return np.stack(maps)
+        return maps
+
+    @available_if(_final_has("predict_map"))
+    def predict_mask(self, X, threshold=None, sigma=4.0):
+        """Boolean defect masks at each input image's own resolution.
+
+        Parameters
+        ----------
+        X : images
+        threshold : float or None, default=None
+            Pixel threshold on :meth:`predict_map` values. None uses ``-offset_`` of the final
+            detector, which was calibrated on normal training images only (leave-one-out):
+            a pixel is marked when its anomaly exceeds the image-level threshold.
+        sigma : float, default=4.0
+            As in :meth:`predict_map`.
+
+        Returns
+        -------
+        masks : ndarray of bool (n, H, W), or a list when sizes differ.
+        """
+        if threshold is None:
+            threshold = -self._final_estimator.offset_
+        maps = self.predict_map(X, sigma=sigma)
+        if isinstance(maps, list):
+            return [m > threshold for m in maps]
+        return maps > threshold
+
+
+def _grids_to_images(grids, sizes, extractor, sigma):
+    """Undo the extractor's resize (and crop) for each patch grid."""
+    resized = _as_hw(extractor.image_size, "image_size")
+    crop = _as_hw(extractor.crop_size, "crop_size")
+    net_in = crop if crop is not None else resized
+    t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
+    up = F.interpolate(t, size=net_in, mode="bilinear", align_corners=False)[:, 0].numpy()
+    out = []
+    for amap, (h, w) in zip(up, sizes, strict=True):
+        if sigma and sigma > 0:
+            amap = gaussian_filter(amap, sigma=sigma, truncate=4.0)
+        if crop is not None:
+            frame = np.zeros(resized, dtype=np.float32)
+            top, left = (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2
+            frame[top : top + crop[0], left : left + crop[1]] = amap
+            amap = frame
+        if amap.shape != (h, w):
+            amap = F.interpolate(
+                torch.from_numpy(np.ascontiguousarray(amap))[None, None], size=(h, w),
+                mode="bilinear", align_corners=False,
+            )[0, 0].numpy()
+        out.append(amap.astype(np.float32))
+    return out
+
+
+def make_patchcore(
+    *,
+    backbone="efficientnet_lite0",
+    layers=None,
+    image_size=320,
+    patch_size=3,
+    sampling_ratio=0.1,
+    contamination="auto",
+    random_state=None,
+    device="auto",
+    verbose=False,
+    **detector_params,
+):
+    """The standard three steps: features -> coreset -> detector, as a PatchCorePipeline.
+
+    Parameters
+    ----------
+    backbone, layers, image_size, patch_size
+        Passed to :class:`FeatureExtractor`.
+    sampling_ratio, random_state
+        Passed to :class:`CoresetSampler`.
+    contamination
+        Passed to :class:`PatchCoreDetector`, with any other ``detector_params``.
+    device, verbose
+        Passed to every step that takes them.
+
+    Returns
+    -------
+    pipeline : PatchCorePipeline
+        Steps named 'features', 'coreset' and 'detector', so grid-search parameters read
+        ``coreset__sampling_ratio``, ``features__patch_size`` and so on.
+    """
+    return PatchCorePipeline([
+        ("features", FeatureExtractor(backbone, layers=layers, image_size=image_size,
+                                      patch_size=patch_size, device=device, verbose=verbose)),
+        ("coreset", CoresetSampler(sampling_ratio, random_state=random_state, device=device,
+                                   verbose=verbose)),
+        ("detector", PatchCoreDetector(contamination=contamination, device=device,
+                                       **detector_params)),
+    ])

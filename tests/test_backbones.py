@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_sample_images
+
+from skpatchcore.backbones import (
+    available_backbones,
+    build_network,
+    get_backbone_spec,
+    load_backbone,
+    resolve_weights_file,
+)
+
+
+def _lite0_classify(img):
+    spec = get_backbone_spec("efficientnet_lite0")
+    net = build_network(spec, resolve_weights_file(spec, "imagenet"))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
+    # resize the shorter side to 256, centre-crop 224: the usual ImageNet evaluation
+    h, w = x.shape[-2:]
+    s = 256 / min(h, w)
+    x = F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True)
+    top, left = (x.shape[-2] - 224) // 2, (x.shape[-1] - 224) // 2
+    x = x[..., top : top + 224, left : left + 224]
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return net((x - mean) / std)[0].softmax(-1)
+
+
+def test_default_weights_are_real_imagenet_weights():
+    images = dict(zip([f.split("/")[-1] for f in load_sample_images().filenames],
+                      load_sample_images().images, strict=True))
+    flower = _lite0_classify(images["flower.jpg"])
+    assert int(flower.argmax()) == 985  # daisy
+    china = _lite0_classify(images["china.jpg"])
+    assert {442, 663, 832} & set(china.topk(5).indices.tolist())
+
+
+def test_registry_and_default_layers():
+    assert {"efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"} <= set(
+        available_backbones()
+    )
+    assert get_backbone_spec("wide_resnet50_2").default_layers == ("layer2", "layer3")
+    lite = get_backbone_spec("efficientnet_lite0")
+    assert [lite.layers[name][0] for name in lite.default_layers] == [8, 16]
+    with pytest.raises(ValueError, match="Unknown backbone 'vgg'.*efficientnet_lite0"):
+        get_backbone_spec("vgg")
+
+
+def test_truncated_network_shapes_and_stops_early():
+    net, spec, layers, path = load_backbone("efficientnet_lite0")
+    assert layers == ["blocks.2", "blocks.4"] and path.name.endswith(".pth")
+    assert net.names[-1] == "blocks.4"  # deeper blocks are never run
+    with torch.inference_mode():
+        a, b = net(torch.zeros(1, 3, 64, 96))
+    assert a.shape == (1, 40, 8, 12) and b.shape == (1, 112, 4, 6)
+
+
+def test_random_weights_only_when_asked():
+    net, _, layers, path = load_backbone("resnet18", weights=None)
+    assert path is None and layers == ["layer2", "layer3"]
+    with torch.inference_mode():
+        a, b = net(torch.zeros(1, 3, 64, 64))
+    assert a.shape == (1, 128, 8, 8) and b.shape == (1, 256, 4, 4)
+
+
+def test_missing_torchvision_weights_error_names_backbone_and_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError) as info:
+        load_backbone("wide_resnet50_2")
+    message = str(info.value)
+    assert "'wide_resnet50_2'" in message
+    assert str(tmp_path) in message and "wide_resnet50_2-" in message
+    assert "weights='/path/to/file.pth'" in message
+
+
+def test_weights_from_file(tmp_path):
+    net = build_network(get_backbone_spec("resnet18"), None)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    net2, *_ = load_backbone("resnet18", weights=str(path))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            net2(x)[0], torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                            net.layer1, net.layer2)(x)
+        )
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="Could not read weights file"):
+        load_backbone("resnet18", weights=str(tmp_path / "junk.pth"))
+    with pytest.raises(ValueError, match="does not fit backbone 'efficientnet_lite0'"):
+        load_backbone("efficientnet_lite0", weights=str(path))
+
+
+def test_bad_layers():
+    with pytest.raises(ValueError, match="not valid for backbone 'resnet18'.*layer2"):
+        load_backbone("resnet18", layers=["blocks.2"], weights=None)

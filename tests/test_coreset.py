@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skpatchcore import CoresetSampler, MemoryBank
+
+
+def _covering_radius(points, selected):
+    d = np.sqrt(((points[:, None, :] - points[selected][None]) ** 2).sum(-1))
+    return d.min(1).max()
+
+
+def test_fit_transform_returns_selected_rows():
+    rng = np.random.RandomState(0)
+    F = rng.rand(6, 5, 5, 16).astype(np.float32)
+    sampler = CoresetSampler(sampling_ratio=0.1, random_state=0)
+    bank = sampler.fit_transform(F)
+    assert isinstance(bank, MemoryBank) and bank.dtype == np.float32
+    assert bank.shape == (15, 16)
+    np.testing.assert_array_equal(bank, F.reshape(-1, 16)[sampler.sample_indices_])
+    assert len(set(sampler.sample_indices_.tolist())) == 15
+    np.testing.assert_array_equal(bank.groups, sampler.sample_indices_ // 25)
+    assert bank.source is not None and bank.source.shape == F.shape
+    # transform passes test features through untouched
+    assert sampler.transform(F) is F
+    # fit alone selects the same rows
+    again = CoresetSampler(sampling_ratio=0.1, random_state=0).fit(F)
+    np.testing.assert_array_equal(again.sample_indices_, sampler.sample_indices_)
+
+
+def test_sizes_ratio_and_absolute():
+    F = np.random.RandomState(0).rand(200, 4).astype(np.float32)
+    assert CoresetSampler(sampling_ratio=0.05).fit_transform(F).shape == (10, 4)
+    assert CoresetSampler(sampling_ratio=1.0).fit_transform(F).shape == (200, 4)
+    assert CoresetSampler(n_samples=7).fit_transform(F).shape == (7, 4)
+    assert CoresetSampler(n_samples=500).fit_transform(F).shape == (200, 4)
+
+
+def test_seeded_and_deterministic():
+    F = np.random.RandomState(0).rand(300, 200).astype(np.float32)
+    a = CoresetSampler(0.05, random_state=1).fit(F).sample_indices_
+    b = CoresetSampler(0.05, random_state=1).fit(F).sample_indices_
+    c = CoresetSampler(0.05, random_state=2).fit(F).sample_indices_
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_y_drops_anomalous_images_and_indices_refer_to_input():
+    rng = np.random.RandomState(0)
+    F = rng.rand(5, 2, 2, 3).astype(np.float32)
+    F[1] += 100.0  # anomalous image far away: greedy would pick it first if kept
+    y = np.array([1, -1, 1, 1, 1])
+    sampler = CoresetSampler(sampling_ratio=0.5, random_state=0)
+    bank = sampler.fit_transform(F, y)
+    assert bank.shape == (8, 3)
+    assert not np.isin(sampler.sample_indices_ // 4, [1]).any()
+    np.testing.assert_array_equal(bank, F.reshape(-1, 3)[sampler.sample_indices_])
+    assert bank.source.shape == (4, 2, 2, 3)
+
+
+def test_memory_bank_slices_forget_provenance():
+    bank = CoresetSampler(0.5, random_state=0).fit_transform(np.random.RandomState(0).rand(10, 3))
+    assert bank.groups is not None
+    assert bank[:2].groups is None and (bank * 2).groups is None
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="FeatureExtractor first"):
+        CoresetSampler().fit_transform(np.zeros((2, 8, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        CoresetSampler().fit_transform(np.full((4, 3), np.nan))
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        CoresetSampler(sampling_ratio=0).fit(np.zeros((4, 3)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 60),
+    d=st.integers(1, 6),
+    ratio=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_covering_radius(n, d, ratio, seed):
+    """Without projection the reported radius is the true covering radius, and greedy
+    k-center is a 2-approximation: no set of the same size covers with less than half."""
+    X = np.random.RandomState(seed).rand(n, d).astype(np.float32)
+    sampler = CoresetSampler(sampling_ratio=ratio, projection_dim=None, random_state=seed)
+    sampler.fit(X)
+    r = _covering_radius(X.astype(np.float64), sampler.sample_indices_)
+    assert sampler.coverage_radius_ == pytest.approx(r, rel=1e-5, abs=1e-6)
+    # the greedy radius never exceeds the distance between any two selected points
+    # (farthest-first: each new point was farther than r from all earlier ones)
+    sel = X[sampler.sample_indices_].astype(np.float64)
+    if len(sel) > 1:
+        pair = np.sqrt(((sel[:, None] - sel[None]) ** 2).sum(-1))
+        pair[np.diag_indices_from(pair)] = np.inf
+        assert r <= pair.min() + 1e-5

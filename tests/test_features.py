@@ -1,0 +1,127 @@
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+
+from skpatchcore import FeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return FeatureExtractor(image_size=48).fit()
+
+
+def test_shapes_dtype_and_attributes(fitted, rng_images):
+    F = fitted.transform(rng_images)
+    assert F.shape == (3, 6, 6, 152) and F.dtype == np.float32
+    assert fitted.grid_shape_ == (6, 6) and fitted.feature_dim_ == 152 and fitted.stride_ == 8
+    assert fitted.layers_ == ["blocks.2", "blocks.4"]
+    assert len(fitted.weights_sha256_) == 64
+    assert np.isfinite(F).all() and F.std() > 0.01
+
+
+def test_input_forms_give_identical_features(fitted, rng_images, tmp_path):
+    X = rng_images
+    ref = fitted.transform(X)
+    paths = []
+    for i, x in enumerate(X):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(x).save(paths[-1])
+    for form in (
+        paths,
+        [Image.fromarray(x) for x in X],
+        X / 255.0,
+        list(X),
+        torch.from_numpy(X).permute(0, 3, 1, 2),
+    ):
+        np.testing.assert_allclose(fitted.transform(form), ref, rtol=0, atol=1e-5)
+
+
+def test_images_of_different_sizes_are_resized(fitted):
+    rng = np.random.RandomState(1)
+    X = [(rng.rand(h, w, 3) * 255).astype(np.uint8) for h, w in ((30, 60), (48, 48), (100, 20))]
+    F = fitted.transform(X)
+    assert F.shape == (3, 6, 6, 152)
+    # each image's features are those of the image alone
+    np.testing.assert_allclose(F[2], fitted.transform(X[2][None])[0], atol=1e-5)
+
+
+def test_features_are_local(fitted):
+    """A change in one corner leaves the stride-8 features of the far corner untouched."""
+    rng = np.random.RandomState(0)
+    a = (rng.rand(1, 128, 128, 3) * 255).astype(np.uint8)
+    b = a.copy()
+    b[0, :16, :16] = 255 - b[0, :16, :16]
+    fe = clone(fitted).set_params(image_size=128).fit()
+    Fa, Fb = fe.transform(a)[0], fe.transform(b)[0]
+    assert np.abs(Fa[:2, :2] - Fb[:2, :2]).max() > 0.1
+    np.testing.assert_allclose(Fa[-2:, -2:, :40], Fb[-2:, -2:, :40], atol=1e-6)
+    # the deeper (stride-16) layer sees further, but still less at the far corner
+    far = np.abs(Fa[-2:, -2:, 40:] - Fb[-2:, -2:, 40:]).mean()
+    near = np.abs(Fa[:2, :2, 40:] - Fb[:2, :2, 40:]).mean()
+    assert far < 0.1 * near
+
+
+def test_patch_size_averages_neighbourhood():
+    rng = np.random.RandomState(0)
+    X = (rng.rand(2, 64, 64, 3) * 255).astype(np.uint8)
+    F1 = FeatureExtractor(image_size=64, patch_size=1, layers=["blocks.2"]).fit_transform(X)
+    F3 = FeatureExtractor(image_size=64, patch_size=3, layers=["blocks.2"]).fit_transform(X)
+    # interior cell of the 3x3 average equals the mean of the 1x1 features around it
+    np.testing.assert_allclose(F3[:, 3, 4], F1[:, 2:5, 3:6].mean(axis=(1, 2)), atol=1e-5)
+    # border cells average only the existing neighbours
+    np.testing.assert_allclose(F3[:, 0, 0], F1[:, :2, :2].mean(axis=(1, 2)), atol=1e-5)
+    assert F1.var(axis=(1, 2)).mean() > F3.var(axis=(1, 2)).mean()
+
+
+def test_crop_and_rectangular_size():
+    X = np.zeros((1, 50, 80, 3), np.uint8)
+    fe = FeatureExtractor(image_size=(64, 96), crop_size=(48, 64)).fit()
+    assert fe.transform(X).shape == (1, 6, 8, 152)
+    with pytest.raises(ValueError, match="crop_size.*larger than image_size"):
+        FeatureExtractor(image_size=32, crop_size=48).fit()
+
+
+def test_parameter_errors():
+    with pytest.raises(ValueError, match="patch_size must be odd"):
+        FeatureExtractor(patch_size=2).fit()
+    with pytest.raises(ValueError, match="backbone"):
+        FeatureExtractor(backbone="nope").fit()
+    with pytest.raises(ValueError, match="not valid for backbone"):
+        FeatureExtractor(layers=["layer9"]).fit()
+    with pytest.raises(ValueError, match="cannot output 'pandas'"):
+        FeatureExtractor().set_output(transform="pandas")
+    assert FeatureExtractor().set_output(transform="default") is not None
+
+
+def test_pickle_rebuilds_network_from_name(fitted, rng_images, tmp_path):
+    ref = fitted.transform(rng_images)
+    blob = pickle.dumps(fitted)
+    assert len(blob) < 100_000  # weights are not embedded
+    np.testing.assert_array_equal(pickle.loads(blob).transform(rng_images), ref)
+    joblib.dump(fitted, tmp_path / "fe.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "fe.joblib").transform(rng_images), ref)
+
+
+def test_pickle_detects_changed_weights(fitted):
+    clone_ = pickle.loads(pickle.dumps(fitted))
+    clone_.weights_sha256_ = "0" * 64
+    with pytest.raises(ValueError, match="SHA-256.*refit"):
+        clone_.transform(np.zeros((1, 16, 16), np.uint8))
+
+
+def test_random_weights_survive_pickle(rng_images):
+    fe = FeatureExtractor("resnet18", weights=None, image_size=32).fit()
+    again = pickle.loads(pickle.dumps(fe))
+    np.testing.assert_array_equal(again.transform(rng_images), fe.transform(rng_images))
+
+
+def test_transform_before_fit_raises():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        FeatureExtractor().transform(np.zeros((1, 8, 8), np.uint8))

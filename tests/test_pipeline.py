@@ -1,0 +1,133 @@
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.pipeline import Pipeline
+
+from skpatchcore import CoresetSampler, FeatureExtractor, PatchCoreDetector
+from skpatchcore.datasets import make_defect_images
+
+
+def _pipe(**kw):
+    return Pipeline([
+        ("features", FeatureExtractor(image_size=64)),
+        ("coreset", CoresetSampler(sampling_ratio=0.1, random_state=0)),
+        ("detector", PatchCoreDetector(**kw)),
+    ])
+
+
+@pytest.fixture(scope="module")
+def fitted(defects):
+    X, y, _ = defects
+    return _pipe().fit(X[y == 1][:16])
+
+
+def test_pipeline_detects_synthetic_defects(defects, fitted):
+    X, y, _ = defects
+    Xt, yt = X[16:], y[16:]  # 8 unseen normal, 12 defective
+    scores = fitted.score_samples(Xt)
+    assert scores.dtype == np.float64 and scores.shape == (20,)
+    assert roc_auc_score(yt, scores) > 0.95
+    decision = fitted.decision_function(Xt)
+    np.testing.assert_allclose(decision, scores - fitted[-1].offset_)
+    labels = fitted.predict(Xt)
+    assert labels.dtype.kind == "i" and set(labels) <= {-1, 1}
+    assert (labels[yt == -1] == -1).mean() > 0.8
+
+
+def test_every_input_form_gives_the_same_scores(defects, fitted, tmp_path):
+    X, _, _ = defects
+    Xt = X[20:24]
+    ref = fitted.score_samples(Xt)
+    paths = []
+    for i, x in enumerate(Xt):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(x).save(paths[-1])
+    forms = [
+        paths,
+        [str(p) for p in paths],
+        [Image.fromarray(x) for x in Xt],
+        Xt / 255.0,
+        list(Xt),
+        torch.from_numpy(Xt).permute(0, 3, 1, 2).contiguous(),
+    ]
+    for form in forms:
+        np.testing.assert_allclose(fitted.score_samples(form), ref, rtol=1e-5)
+
+
+def test_y_keeps_anomalies_out_of_the_bank(defects):
+    X, y, _ = defects
+    pipe = _pipe().fit(X, y)
+    bank_images = pipe["coreset"].sample_indices_ // (8 * 8)
+    assert (y[bank_images] == 1).all()
+
+
+def _two_mode_parts():
+    """Normal parts in two looks (plain and inverted texture); defects are bright discs.
+
+    One memory-bank row cannot cover both looks, so a tiny coreset must lose."""
+    X, _, _ = make_defect_images(36, 0, image_size=64, random_state=0)
+    X = X.astype(np.int16)
+    X[1::2] = 255 - X[1::2]
+    y = np.ones(36, dtype=int)
+    y[24:] = -1
+    rng = np.random.RandomState(0)
+    rows, cols = np.mgrid[:64, :64]
+    for i in range(24, 36):
+        cy, cx = rng.randint(12, 52, size=2)
+        X[i][(rows - cy) ** 2 + (cols - cx) ** 2 < 25] += 70
+    return np.clip(X, 0, 255).astype(np.uint8), y
+
+
+def test_grid_search_over_ratio_and_patch_size():
+    X, y = _two_mode_parts()
+    search = GridSearchCV(
+        _pipe(),
+        {"coreset__sampling_ratio": [0.001, 0.1], "features__patch_size": [1, 3]},
+        scoring="roc_auc",
+        cv=StratifiedKFold(n_splits=3, shuffle=True, random_state=0),
+    ).fit(X, y)
+    assert search.best_params_["coreset__sampling_ratio"] == 0.1
+    assert search.best_score_ > 0.95
+    ratios = np.array(search.cv_results_["param_coreset__sampling_ratio"])
+    assert search.cv_results_["mean_test_score"][ratios == 0.001].max() < 0.9
+    # every fit, the refit included, saw only normal images
+    best = search.best_estimator_
+    assert (y[best["coreset"].sample_indices_ // 64] == 1).all()
+    assert roc_auc_score(y, best.decision_function(X)) > 0.95
+
+
+def test_clone_params_and_set_output(fitted):
+    pipe = _pipe()
+    params = pipe.get_params()
+    assert params["coreset__sampling_ratio"] == 0.1
+    pipe.set_params(features__patch_size=5, detector__contamination=0.05)
+    twin = clone(pipe)
+    assert twin.get_params()["features__patch_size"] == 5
+    assert twin.get_params()["detector__contamination"] == 0.05
+    assert not hasattr(twin["detector"], "offset_")
+    pipe.set_output(transform="default")
+
+
+def test_pickle_and_joblib_round_trips(defects, fitted, tmp_path):
+    X, _, _ = defects
+    ref = fitted.score_samples(X[20:26])
+    again = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(again.score_samples(X[20:26]), ref)
+    joblib.dump(fitted, tmp_path / "model.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "model.joblib").score_samples(X[20:26]),
+                                  ref)
+
+
+def test_detector_without_sampler(defects):
+    X, y, _ = defects
+    pipe = Pipeline([("features", FeatureExtractor(image_size=64)),
+                     ("detector", PatchCoreDetector())]).fit(X[:16])
+    assert pipe["detector"].memory_bank_.shape == (16 * 64, 152)
+    assert roc_auc_score(y[16:], pipe.score_samples(X[16:])) > 0.95
