@@ -205,141 +205,141 @@ def _partition(Xc, block_size, n_probe=256, n_power=3):
     return perm, bounds
 
 
-def _greedy_blocked(X, n_centers, start_index, *, block_size=None, verbose=False,
-                    return_radius=True):
-    """Exact greedy k-center by lazy evaluation over blocks (the CPU algorithm).
+def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_elements=1 << 20,
+                    verbose=False, return_radius=True):
+    """Exact greedy k-center with batched, lazily applied distance updates (CPU algorithm).
 
     See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact.
     """
     n_samples, n_features = X.shape
     dtype = X.dtype
-    if block_size is None:
-        block_size = _default_block_size(n_samples)
     u = torch.finfo(dtype).eps / 2  # unit roundoff
-    # Any squared distance computed in floating point has relative error below gamma
-    # (subtract, square, d-term sum); the Gram form x.x + q.q - 2 x.q has absolute error
-    # below kappa * (|x| + |q|)^2. Both bounds carry a factor 2 of slack.
+    # A computed squared distance has relative error below gamma (subtract, square, d-term
+    # sum); the Gram form |x|^2 + |q|^2 - 2 x.q has absolute error below kappa (|x| + |q|)^2;
+    # centring moves a distance by at most 2 u (|x| + |q|). All with a factor 2 of slack.
     gamma = 2.0 * (n_features + 8) * u
     kappa = 2.0 * (n_features + 6) * u
-
-    # Setup: centred copy of X in block order, per-point squared norms, per-block centre,
-    # radius and largest norm (radius and norm are rigorous upper bounds, in float64).
-    mu = X.mean(0)
-    perm, bounds = _partition(X - mu, block_size)
-    n_blocks = bounds.numel() - 1
-    Xc = X.index_select(0, perm).sub_(mu)
-    sq_norm = torch.linalg.vecdot(Xc, Xc)
-    sizes = bounds.diff()
-    centres = torch.segment_reduce(Xc, "mean", lengths=sizes, axis=0)
-    owner = torch.repeat_interleave(torch.arange(n_blocks), sizes)
-    spread = torch.segment_reduce(_sq_dists(Xc, centres[owner]), "max", lengths=sizes)
-    del owner
     inflate = 1.0 + 2.0 * gamma
-    block_radius = (spread.double().sqrt() * inflate).tolist()
-    block_norm = (torch.segment_reduce(sq_norm, "max", lengths=sizes).double().sqrt() * inflate)
-    block_norm = block_norm.tolist()
-    centre_sq = torch.linalg.vecdot(centres, centres)
-    centre_norm = (centre_sq.double().sqrt() * inflate).tolist()
-    bounds_list = bounds.tolist()
-    position = torch.empty(n_samples, dtype=torch.long)
-    position[perm] = torch.arange(n_samples)
 
-    # State. min_sq holds, in block order, each point's minimum squared distance to the
-    # centers applied to its block so far (-1 once selected). upper[b] >= max(min_sq in b)
-    # always, with equality when block b is fresh (every selected center applied).
+    mu = X.mean(0)
+    Xc = X - mu  # centred copy: small norms keep the Gram-form error small
+    sq_norm = torch.linalg.vecdot(Xc, Xc)
+    norm_up = sq_norm.sqrt().mul_(inflate)  # upper bounds of |x - mu|
+
+    # min_sq[i]: minimum squared distance of point i to centers 0 .. applied[i] - 1, which is
+    # an upper bound of its current value and exact when applied[i] == t; -1 once selected.
     min_sq = torch.full((n_samples,), math.inf, dtype=dtype)
-    upper = torch.full((n_blocks,), math.inf, dtype=dtype)
-    applied = [0] * n_blocks  # centers 0 .. applied[b] - 1 have been applied to block b
-    centers_c = torch.empty(n_centers, n_features, dtype=dtype)  # centred selected points
+    applied = torch.zeros(n_samples, dtype=torch.long)
+    centers_c = torch.empty(n_centers, n_features, dtype=dtype)
     centers_sq = torch.empty(n_centers, dtype=dtype)
-    centers_norm = torch.empty(n_centers, dtype=torch.float64)  # upper bounds of |q|
+    centers_norm = torch.empty(n_centers, dtype=dtype)
     selected = torch.empty(n_centers, dtype=torch.long)
-    one_minus_gamma = 1.0 - gamma
+    neg_inf = -math.inf
 
-    def refresh(b, t):
-        """Apply centers applied[b] .. t - 1 to block b; make upper[b] exact."""
-        lo, hi = bounds_list[b], bounds_list[b + 1]
-        block_min = min_sq[lo:hi]
-        ub = float(upper[b])
-        first = applied[b]
-        applied[b] = t
-        if ub > 0.0:
-            # 1. Triangle inequality against the block's ball: a pending center q is skipped
-            #    when sqrt(lower bound of |q - c|^2) - radius - rounding >= sqrt(ub).
-            pend_c = centers_c[first:t]
-            gram = torch.addmv(centers_sq[first:t], pend_c, centres[b], alpha=-2.0)
-            gram = gram.double().add_(float(centre_sq[b]))
-            qn = centers_norm[first:t]
-            slack = (qn + centre_norm[b]).square_().mul_(kappa)
-            lower = gram.sub_(slack).clamp_(min=0.0).sqrt_()
-            lower.sub_(qn.add(block_norm[b]).mul_(2.0 * u)).sub_(block_radius[b])
-            keep = lower.clamp_(min=0.0).square_().mul_(one_minus_gamma) < ub
-            pend = keep.nonzero().squeeze(1)
-            if pend.numel():
-                pend += first
-                # 2. Gram-form filter of every (point, center) pair of the block: a pair is
-                #    skipped when a rigorous lower bound of its computed distance is at
-                #    least the point's current minimum.
-                q_c = centers_c.index_select(0, pend)
-                qn = centers_norm.index_select(0, pend)
-                qmax = float(qn.max()) + block_norm[b]
-                slack = kappa * qmax * qmax
-                err = 2.0 * u * qmax * (1.0 + 4.0 * u)
-                approx = torch.addmm(centers_sq.index_select(0, pend).unsqueeze(0),
-                                     Xc[lo:hi], q_c.T, alpha=-2.0)
-                limit = block_min.clamp(min=0.0).mul_(1.0 + 2.0 * gamma).sqrt_().add_(err)
-                limit = limit.square_().add_(slack).mul_(1.0 + 8.0 * u)
-                limit.sub_(sq_norm[lo:hi])
-                rows, cols = (approx < limit.unsqueeze(1)).nonzero(as_tuple=True)
-                if rows.numel():
-                    # 3. Exact distances, with the reference arithmetic, for the survivors.
-                    exact = _sq_dists(X.index_select(0, perm[lo:hi].index_select(0, rows)),
-                                      X.index_select(0, selected[pend.index_select(0, cols)]))
-                    block_min.scatter_reduce_(0, rows, exact, "amin")
-        upper[b] = block_min.max()
+    def select(i, t):
+        selected[t] = i
+        min_sq[i] = -1.0
+        applied[i] = n_centers  # never stale: a selected point stays at -1
+        centers_c[t] = Xc[i]
+        centers_sq[t] = sq_norm[i]
+        centers_norm[t] = norm_up[i]
 
-    def select(pos, t):
-        """Make the point at block-order position pos the t-th center."""
-        selected[t] = perm[pos]
-        min_sq[pos] = -1.0
-        centers_c[t] = Xc[pos]
-        centers_sq[t] = sq_norm[pos]
-        centers_norm[t] = math.sqrt(float(sq_norm[pos])) * inflate
+    def apply_pending(rows, first, t):
+        """Apply centers first .. t - 1 to the given rows (ascending indices)."""
+        k = t - first
+        q_c = centers_c[first:t]
+        q_sq = centers_sq[first:t].unsqueeze(0)
+        q_max = float(centers_norm[first:t].max())
+        chunk = max(64, chunk_elements // k)
+        for lo in range(0, rows.numel(), chunk):
+            idx = rows[lo : lo + chunk]
+            approx = torch.addmm(q_sq, Xc.index_select(0, idx), q_c.T, alpha=-2.0)
+            current = min_sq.index_select(0, idx)
+            reach = norm_up.index_select(0, idx).add_(q_max)
+            limit = current.clamp(min=0.0).mul_(inflate).sqrt_()
+            limit.add_(reach, alpha=2.0 * u * (1.0 + 4.0 * u)).square_()
+            limit.add_(reach.square_().mul_(kappa)).mul_(1.0 + 8.0 * u)
+            limit.sub_(sq_norm.index_select(0, idx))
+            pair_rows, pair_cols = (approx < limit.unsqueeze(1)).nonzero(as_tuple=True)
+            if pair_rows.numel():
+                exact = _sq_dists(X.index_select(0, idx.index_select(0, pair_rows)),
+                                  X.index_select(0, selected[first:t].index_select(0, pair_cols)))
+                current.scatter_reduce_(0, pair_rows, exact, "amin")
+                min_sq.index_copy_(0, idx, current)
+        applied.index_fill_(0, rows, t)
 
-    def first_argmax(b):
-        lo = bounds_list[b]
-        return lo + int(torch.argmax(min_sq[lo : bounds_list[b + 1]]))
+    def refresh(rows, t):
+        """Bring the given stale rows up to date, grouped by how far behind they are."""
+        behind = applied.index_select(0, rows)
+        firsts, group = torch.unique(behind, return_inverse=True)
+        for g, first in enumerate(firsts.tolist()):
+            apply_pending(rows[group == g], first, t)
 
-    select(int(position[start_index]), 0)
+    def settle(k, t):
+        """Make the k largest values exact; return them as a candidate set.
+
+        Returns (cand, cut, cut_index): the candidate points (ascending), the k-th largest
+        value ``cut`` and the lowest index of a point outside the set whose value equals
+        ``cut`` (n_samples if none). Every point outside the set has a value below ``cut``,
+        or equal to it with an index above cut_index.
+        """
+        grow = 2 * k
+        while True:
+            stale = applied < t
+            n_stale = int(stale.sum())
+            fresh_vals = min_sq.masked_fill(stale, neg_inf)
+            n_fresh = n_samples - n_stale
+            cut = (float(torch.kthvalue(fresh_vals, n_samples - k + 1).values)
+                   if n_fresh >= k else neg_inf)
+            if n_stale == 0:
+                break
+            stale_vals = min_sq.masked_fill(~stale, neg_inf)
+            if float(stale_vals.max()) < cut:
+                break
+            if grow < n_stale:
+                level = float(torch.kthvalue(stale_vals, n_samples - grow + 1).values)
+                level = max(level, cut)
+            else:
+                level = cut
+            rows = (stale & (min_sq >= level)).nonzero().squeeze(1)
+            refresh(rows, t)
+            grow *= 2
+        above = (fresh_vals > cut).nonzero().squeeze(1)
+        at = (fresh_vals == cut).nonzero().squeeze(1)
+        need = k - above.numel()
+        cand = torch.cat([above, at[:need]]).sort().values
+        cut_index = int(at[need]) if need < at.numel() else n_samples
+        return cand, cut, cut_index
+
+    select(start_index, 0)
     t = 1
-    radius = None
     with progress(n_centers, "k-center", unit="center", disable=not verbose) as bar:
         bar.update()
-        while True:
-            b = int(torch.argmax(upper))
-            if applied[b] < t:
-                refresh(b, t)
-                continue
-            if t == n_centers:
-                radius = _radius(upper[b])
-                break
-            top = upper[b]
-            tied = (upper == top).nonzero().squeeze(1).tolist()
-            if len(tied) > 1:
-                stale = [c for c in tied if applied[c] < t]
-                for c in stale:
-                    refresh(c, t)
-                if stale:
-                    continue
-                # Equal maxima in several fresh blocks: the lowest original index wins.
-                pos = min((first_argmax(c) for c in tied), key=lambda p: int(perm[p]))
-            else:
-                pos = first_argmax(b)
-            select(pos, t)
-            t += 1
-            bar.update()
-            if t == n_centers and not return_radius:
-                break
+        while t < n_centers:
+            cand, cut, cut_index = settle(min(n_candidates, n_samples), t)
+            points = X.index_select(0, cand)
+            values = min_sq.index_select(0, cand)
+            upto = t  # the candidates' values include centers 0 .. upto - 1
+            while True:
+                j = int(torch.argmax(values))
+                top = float(values[j])
+                i = int(cand[j])
+                if top < cut or (top == cut and i > cut_index):
+                    break  # a point outside the candidates may now be the farthest
+                select(i, t)
+                values[j] = -1.0
+                t += 1
+                bar.update()
+                if t == n_centers:
+                    break
+                torch.minimum(values, _sq_dists(points, points[j]), out=values)
+                upto = t
+            min_sq.index_copy_(0, cand, values)
+            applied.index_copy_(0, cand, torch.where(values < 0, n_centers, upto))
+    radius = None
+    if return_radius:
+        cand, _, _ = settle(1, n_centers)
+        radius = _radius(min_sq[cand[0]])
     return selected.numpy(), radius
 
 
@@ -468,7 +468,7 @@ def greedy_kcenter(X, n_centers, *, start_index=0, return_radius=True, verbose=F
         previous = torch.get_float32_matmul_precision()
         try:
             torch.set_float32_matmul_precision("highest")
-            indices, radius = _greedy_blocked(X, n_centers, start_index, verbose=verbose,
+            indices, radius = _greedy_batched(X, n_centers, start_index, verbose=verbose,
                                               return_radius=return_radius)
         finally:
             torch.set_float32_matmul_precision(previous)

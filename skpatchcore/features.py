@@ -20,6 +20,9 @@ from .backbones import available_backbones, file_sha256, get_backbone_spec, load
 
 __all__ = ["FeatureExtractor"]
 
+# Letterbox padding: mid grey, which both normalisations map to about 0.
+_LETTERBOX_FILL = 0.5
+
 
 def _as_hw(size, name):
     if size is None:
@@ -35,6 +38,21 @@ def _as_hw(size, name):
     if not (isinstance(h, Integral) and isinstance(w, Integral) and h > 0 and w > 0):
         raise ValueError(f"{name} must hold two positive ints, got {size!r}.")
     return (int(h), int(w))
+
+
+def frame_geometry(src_hw, image_size, resize_mode):
+    """Where an image of size ``src_hw`` lands in the ``image_size`` frame.
+
+    Returns (top, left, height, width) of the resized image inside the frame: the whole frame
+    for 'stretch'; the largest aspect-preserving fit, centred, for 'letterbox'.
+    """
+    H, W = image_size
+    if resize_mode == "stretch":
+        return 0, 0, H, W
+    h, w = src_hw
+    scale = min(H / h, W / w)
+    nh, nw = min(H, max(1, round(h * scale))), min(W, max(1, round(w * scale)))
+    return (H - nh) // 2, (W - nw) // 2, nh, nw
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -63,8 +81,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     patch_size : int, default=3
         Side p of the neighbourhood averaged around each position (odd; 1 disables).
     image_size : int or (int, int), default=320
-        Every image is resized to this (height, width) before the network, *without keeping
-        its aspect ratio*, so the whole image is analysed and maps can be mapped back exactly.
+        (height, width) of the frame every image is resized into before the network. The
+        whole image is always analysed, and maps are mapped back to it exactly.
+    resize_mode : {'letterbox', 'stretch'}, default='letterbox'
+        'letterbox' keeps the aspect ratio: the image is scaled to fit the frame and centred
+        on mid-grey padding, so textures are not distorted (images of varied shapes).
+        'stretch' resizes to the frame exactly, changing the aspect ratio.
     crop_size : int or (int, int) or None, default=None
         If set, a centre crop of this size is taken after resizing (the reference
         implementation's resize-256 / crop-224). Pixels outside the crop are not analysed.
@@ -120,6 +142,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
         "patch_size": [Interval(Integral, 1, None, closed="left")],
         "image_size": [Interval(Integral, 8, None, closed="left"), tuple, list],
+        "resize_mode": [StrOptions({"stretch", "letterbox"})],
         "crop_size": [Interval(Integral, 8, None, closed="left"), tuple, list, None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str],
@@ -134,6 +157,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         weights="imagenet",
         patch_size=3,
         image_size=320,
+        resize_mode="letterbox",
         crop_size=None,
         batch_size=16,
         device="auto",
@@ -144,6 +168,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.patch_size = patch_size
         self.image_size = image_size
+        self.resize_mode = resize_mode
         self.crop_size = crop_size
         self.batch_size = batch_size
         self.device = device
@@ -258,12 +283,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         bar.close()
 
     def _prepare(self, image):
-        """float (3, H, W) in [0, 1] -> resized (and cropped) float (3, h, w)."""
+        """float (3, H, W) in [0, 1] -> resized/letterboxed (and cropped) float (3, h, w)."""
         size = _as_hw(self.image_size, "image_size")
-        if tuple(image.shape[1:]) != size:
+        top, left, nh, nw = frame_geometry(tuple(image.shape[1:]), size, self.resize_mode)
+        if tuple(image.shape[1:]) != (nh, nw):
             image = F.interpolate(
-                image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+                image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
             )[0]
+        if (nh, nw) != size:
+            frame = torch.full((3,) + size, _LETTERBOX_FILL, dtype=image.dtype)
+            frame[:, top : top + nh, left : left + nw] = image
+            image = frame
         crop = _as_hw(self.crop_size, "crop_size")
         if crop is not None:
             top = (size[0] - crop[0]) // 2

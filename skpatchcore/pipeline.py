@@ -12,7 +12,7 @@ from sklearn.utils.metaestimators import available_if
 from ._images import check_images
 from .coreset import CoresetSampler
 from .detector import PatchCoreDetector
-from .features import FeatureExtractor, _as_hw
+from .features import FeatureExtractor, _as_hw, frame_geometry
 
 __all__ = ["PatchCorePipeline", "make_patchcore"]
 
@@ -60,8 +60,9 @@ class PatchCorePipeline(Pipeline):
         maps : ndarray (n, H, W) when all images share one size, else list of (H_i, W_i),
             float32. Higher = more anomalous, same units as ``-score_samples``. The patch grid
             is upsampled bilinearly to the network input, smoothed, placed back into the
-            resized frame (pixels outside a ``crop_size`` crop get 0, i.e. no evidence), and
-            resized to the original size: the extractor's resize and crop are undone.
+            resized frame (pixels outside a ``crop_size`` crop get 0, i.e. no evidence), cut
+            to the image's place in the frame (letterbox) and resized to the original size:
+            the extractor's resize, padding and crop are undone.
         """
         images = check_images(X)
         sizes = images.sizes()
@@ -103,6 +104,7 @@ class PatchCorePipeline(Pipeline):
 def _grids_to_images(grids, sizes, extractor, sigma):
     """Undo the extractor's resize (and crop) for each patch grid."""
     resized = _as_hw(extractor.image_size, "image_size")
+    mode = extractor.resize_mode
     crop = _as_hw(extractor.crop_size, "crop_size")
     net_in = crop if crop is not None else resized
     t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
@@ -116,6 +118,8 @@ def _grids_to_images(grids, sizes, extractor, sigma):
             top, left = (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2
             frame[top : top + crop[0], left : left + crop[1]] = amap
             amap = frame
+        top, left, nh, nw = frame_geometry((h, w), resized, mode)
+        amap = amap[top : top + nh, left : left + nw]
         if amap.shape != (h, w):
             amap = F.interpolate(
                 torch.from_numpy(np.ascontiguousarray(amap))[None, None], size=(h, w),
@@ -125,43 +129,43 @@ def _grids_to_images(grids, sizes, extractor, sigma):
     return out
 
 
-def make_patchcore(
-    *,
-    backbone="efficientnet_lite0",
-    layers=None,
-    image_size=320,
-    patch_size=3,
-    sampling_ratio=0.1,
-    contamination="auto",
-    random_state=None,
-    device="auto",
-    verbose=False,
-    **detector_params,
-):
-    """The standard three steps: features -> coreset -> detector, as a PatchCorePipeline.
+def make_patchcore(**params):
+    """The standard three steps, features -> coreset -> detector, as a PatchCorePipeline.
 
     Parameters
     ----------
-    backbone, layers, image_size, patch_size
-        Passed to :class:`FeatureExtractor`.
-    sampling_ratio, random_state
-        Passed to :class:`CoresetSampler`.
-    contamination
-        Passed to :class:`PatchCoreDetector`, with any other ``detector_params``.
-    device, verbose
-        Passed to every step that takes them.
+    **params
+        Any parameter of :class:`FeatureExtractor`, :class:`CoresetSampler` or
+        :class:`PatchCoreDetector`, by its plain name (``image_size=256``,
+        ``sampling_ratio=0.01``, ``contamination=0.05``); each goes to every step that has it
+        (``device`` to all three, ``random_state`` to the sampler). Unknown names raise.
 
     Returns
     -------
     pipeline : PatchCorePipeline
         Steps named 'features', 'coreset' and 'detector', so grid-search parameters read
         ``coreset__sampling_ratio``, ``features__patch_size`` and so on.
+
+    Examples
+    --------
+    >>> from skpatchcore import make_patchcore
+    >>> pipe = make_patchcore(image_size=256, sampling_ratio=0.01, random_state=0)
+    >>> pipe.get_params()["coreset__sampling_ratio"]
+    0.01
     """
-    return PatchCorePipeline([
-        ("features", FeatureExtractor(backbone, layers=layers, image_size=image_size,
-                                      patch_size=patch_size, device=device, verbose=verbose)),
-        ("coreset", CoresetSampler(sampling_ratio, random_state=random_state, device=device,
-                                   verbose=verbose)),
-        ("detector", PatchCoreDetector(contamination=contamination, device=device,
-                                       **detector_params)),
-    ])
+    steps = [
+        ("features", FeatureExtractor()),
+        ("coreset", CoresetSampler()),
+        ("detector", PatchCoreDetector()),
+    ]
+    unused = set(params)
+    for _, step in steps:
+        own = {k: v for k, v in params.items() if k in step.get_params(deep=False)}
+        step.set_params(**own)
+        unused -= set(own)
+    if unused:
+        raise TypeError(
+            f"make_patchcore() got unknown parameters {sorted(unused)}; valid names are the "
+            "parameters of FeatureExtractor, CoresetSampler and PatchCoreDetector."
+        )
+    return PatchCorePipeline(steps)

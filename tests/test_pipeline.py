@@ -5,12 +5,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.ndimage import binary_dilation
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from skpatchcore import CoresetSampler, FeatureExtractor, PatchCoreDetector
+from skpatchcore import (
+    CoresetSampler,
+    FeatureExtractor,
+    PatchCoreDetector,
+    PatchCorePipeline,
+    make_patchcore,
+)
 from skpatchcore.datasets import make_defect_images
 
 
@@ -131,3 +138,60 @@ def test_detector_without_sampler(defects):
                      ("detector", PatchCoreDetector())]).fit(X[:16])
     assert pipe["detector"].memory_bank_.shape == (16 * 64, 152)
     assert roc_auc_score(y[16:], pipe.score_samples(X[16:])) > 0.95
+
+
+def test_patchcore_pipeline_maps_at_original_resolution(defects):
+    X, y, masks = defects
+    pipe = make_patchcore(image_size=64, sampling_ratio=0.2, random_state=0).fit(X[:16])
+    assert [name for name, _ in pipe.steps] == ["features", "coreset", "detector"]
+    maps = pipe.predict_map(X[24:])
+    assert maps.shape == (12, 64, 64) and maps.dtype == np.float32
+    # the hottest pixel lies on the drawn defect, give or take one 8-px grid cell
+    near = [binary_dilation(m, iterations=8) for m in masks[24:]]
+    hits = [m[np.unravel_index(a.argmax(), a.shape)] for a, m in zip(maps, near, strict=True)]
+    assert np.mean(hits) >= 0.9
+    inside = [a[m].mean() > a[~m].mean() for a, m in zip(maps, masks[24:], strict=True)]
+    assert all(inside)
+    # images of other sizes come back at their own size (a list when sizes differ)
+    big = np.kron(X[30], np.ones((2, 3, 1), dtype=np.uint8))  # 128 x 192
+    out = pipe.predict_map([X[30], big])
+    assert isinstance(out, list) and out[0].shape == (64, 64) and out[1].shape == (128, 192)
+    r, c = np.unravel_index(out[1].argmax(), out[1].shape)
+    assert masks[30][r // 2, c // 3]
+    masks_pred = pipe.predict_mask(X[24:])
+    assert masks_pred.dtype == bool and masks_pred.shape == (12, 64, 64)
+    assert masks_pred[masks[24:]].mean() > masks_pred[~masks[24:]].mean()
+    assert not pipe.predict_mask(X[16:24]).mean() > 0.05
+
+
+def test_patchcore_pipeline_survives_clone_slicing_and_search(defects):
+    X, y, _ = defects
+    pipe = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0)
+    twin = clone(pipe)
+    assert isinstance(twin, PatchCorePipeline) and hasattr(twin, "predict_map")
+    assert isinstance(pipe[:2], PatchCorePipeline)
+    search = GridSearchCV(pipe, {"features__patch_size": [3]}, scoring="roc_auc",
+                          cv=StratifiedKFold(n_splits=2)).fit(X, y)
+    assert search.best_estimator_.predict_map(X[:2]).shape == (2, 64, 64)
+    without_detector = PatchCorePipeline([("features", FeatureExtractor(image_size=64))])
+    assert not hasattr(without_detector, "predict_map")
+
+
+def test_letterbox_and_crop_are_undone():
+    from skpatchcore.features import frame_geometry
+
+    assert frame_geometry((100, 200), (64, 64), "letterbox") == (16, 0, 32, 64)
+    assert frame_geometry((100, 200), (64, 64), "stretch") == (0, 0, 64, 64)
+    rng = np.random.RandomState(0)
+    base = (rng.rand(48, 96, 3) * 60 + 100).astype(np.uint8)
+    train = [np.roll(base, s, axis=1) for s in range(0, 40, 5)]
+    test = train[0].copy()
+    test[16:32, 64:80] = 255  # a bright square right of centre
+    for kw in ({"resize_mode": "letterbox"}, {"resize_mode": "stretch"},
+               {"resize_mode": "stretch", "crop_size": 56}):
+        pipe = make_patchcore(image_size=64, sampling_ratio=0.5, random_state=0, **kw)
+        amap = pipe.fit(train).predict_map([test])[0]
+        assert amap.shape == (48, 96)
+        r, c = np.unravel_index(amap.argmax(), amap.shape)
+        # the grid is coarse (8 px cells at 64 px): allow one cell around the square
+        assert 8 <= r <= 40 and 56 <= c <= 92, (kw, r, c)
