@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python examples/plot_quickstart.py --out demo_output
+	$(BIN)/skpatchcore demo --out demo_output
 
 test: venv
 	$(BIN)/ruff check .

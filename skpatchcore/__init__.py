@@ -1,11 +1,12 @@
 """PatchCore industrial image anomaly detection as scikit-learn estimators."""
 
-from .coreset import CoresetSampler, MemoryBank
-from .detector import PatchCoreDetector
-from .features import FeatureExtractor
-from .pipeline import PatchCorePipeline, make_patchcore
-
 __version__ = "0.1.0"
+
+from .coreset import CoresetSampler, MemoryBank  # noqa: E402
+from .detector import PatchCoreDetector  # noqa: E402
+from .features import FeatureExtractor  # noqa: E402
+from .persistence import load_model, save_model  # noqa: E402
+from .pipeline import PatchCorePipeline, make_patchcore  # noqa: E402
 
 __all__ = [
     "CoresetSampler",
@@ -13,5 +14,7 @@ __all__ = [
     "MemoryBank",
     "PatchCoreDetector",
     "PatchCorePipeline",
+    "load_model",
     "make_patchcore",
+    "save_model",
 ]

@@ -206,7 +206,7 @@ def _partition(Xc, block_size, n_probe=256, n_power=3):
 
 
 def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_elements=1 << 20,
-                    verbose=False, return_radius=True):
+                    verbose=False, return_radius=True, stats=None):
     """Exact greedy k-center with batched, lazily applied distance updates (CPU algorithm).
 
     See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact.
@@ -244,28 +244,78 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
         centers_sq[t] = sq_norm[i]
         centers_norm[t] = norm_up[i]
 
-    def apply_pending(rows, first, t):
-        """Apply centers first .. t - 1 to the given rows (ascending indices)."""
+    member = torch.zeros(n_samples, dtype=torch.bool)
+    work = {}
+
+    def buffer(name, numel, dtype=dtype):
+        buf = work.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = work[name] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
+
+    def update(lo, hi, idx, first, t, limit_mask=None):
+        """Apply centers first .. t - 1 to rows lo .. hi - 1, or to rows idx if given."""
         k = t - first
-        q_c = centers_c[first:t]
-        q_sq = centers_sq[first:t].unsqueeze(0)
-        q_max = float(centers_norm[first:t].max())
-        chunk = max(64, chunk_elements // k)
-        for lo in range(0, rows.numel(), chunk):
-            idx = rows[lo : lo + chunk]
-            approx = torch.addmm(q_sq, Xc.index_select(0, idx), q_c.T, alpha=-2.0)
-            current = min_sq.index_select(0, idx)
-            reach = norm_up.index_select(0, idx).add_(q_max)
-            limit = current.clamp(min=0.0).mul_(inflate).sqrt_()
-            limit.add_(reach, alpha=2.0 * u * (1.0 + 4.0 * u)).square_()
-            limit.add_(reach.square_().mul_(kappa)).mul_(1.0 + 8.0 * u)
-            limit.sub_(sq_norm.index_select(0, idx))
-            pair_rows, pair_cols = (approx < limit.unsqueeze(1)).nonzero(as_tuple=True)
-            if pair_rows.numel():
-                exact = _sq_dists(X.index_select(0, idx.index_select(0, pair_rows)),
-                                  X.index_select(0, selected[first:t].index_select(0, pair_cols)))
-                current.scatter_reduce_(0, pair_rows, exact, "amin")
+        n_rows = hi - lo if idx is None else idx.numel()
+        points_c = Xc[lo:hi] if idx is None else Xc.index_select(0, idx)
+        current = min_sq[lo:hi] if idx is None else min_sq.index_select(0, idx)
+        sq = sq_norm[lo:hi] if idx is None else sq_norm.index_select(0, idx)
+        reach = (norm_up[lo:hi] if idx is None else norm_up.index_select(0, idx))
+        reach = reach + float(centers_norm[first:t].max())
+        approx = buffer("approx", n_rows * k).view(n_rows, k)
+        torch.addmm(centers_sq[first:t].unsqueeze(0), points_c, centers_c[first:t].T,
+                    alpha=-2.0, out=approx)
+        # With A = approx + |x|^2 (the Gram form of the centred distance), s = kappa reach^2
+        # and e = 2u reach: the computed distance lies in
+        # [(sqrt(A - s) - e)^2 / inflate, (sqrt(A + s) + e)^2 * inflate].
+        slack = reach.square().mul_(kappa)
+        shift = reach.mul_(2.0 * u * (1.0 + 4.0 * u))
+        best = torch.amin(approx, 1).add_(sq).add_(slack).clamp_(min=0.0).sqrt_()
+        best.add_(shift).square_().mul_(inflate)
+        # Only pairs whose lower bound is below min(current, best upper bound) are evaluated.
+        limit = torch.minimum(current, best).clamp_(min=0.0).mul_(inflate).sqrt_()
+        limit.add_(shift).square_().add_(slack).mul_(1.0 + 8.0 * u).sub_(sq)
+        if limit_mask is not None:
+            limit.masked_fill_(~limit_mask, neg_inf)
+        hit = buffer("hit", n_rows * k, torch.bool).view(n_rows, k)
+        torch.lt(approx, limit.unsqueeze(1), out=hit)
+        pair_rows, pair_cols = hit.nonzero(as_tuple=True)
+        if stats is not None:
+            stats["pairs"] = stats.get("pairs", 0) + n_rows * k
+            stats["exact"] = stats.get("exact", 0) + pair_rows.numel()
+        if pair_rows.numel():
+            rows = pair_rows + lo if idx is None else idx.index_select(0, pair_rows)
+            exact = _sq_dists(X.index_select(0, rows),
+                              X.index_select(0, selected[first:t].index_select(0, pair_cols)))
+            current.scatter_reduce_(0, pair_rows, exact, "amin")
+            if idx is not None:
                 min_sq.index_copy_(0, idx, current)
+
+    def apply_pending(rows, first, t):
+        """Apply centers first .. t - 1 to the given rows (ascending indices).
+
+        Rows are taken in windows of consecutive indices; a window where most rows need the
+        update is processed in place (other rows of it are masked out), the scattered rest
+        is gathered.
+        """
+        k = t - first
+        window = max(64, chunk_elements // k)
+        member[rows] = True
+        counts = torch.bincount(rows // window).tolist()
+        scattered = []
+        for w, count in enumerate(counts):
+            if count == 0:
+                continue
+            lo, hi = w * window, min(n_samples, (w + 1) * window)
+            if 4 * count >= hi - lo:
+                update(lo, hi, None, first, t, None if count == hi - lo else member[lo:hi])
+            else:
+                scattered.append(w)
+        if scattered:
+            sparse = rows[torch.isin(rows // window, torch.tensor(scattered))]
+            for lo in range(0, sparse.numel(), window):
+                update(0, 0, sparse[lo : lo + window], first, t)
+        member[rows] = False
         applied.index_fill_(0, rows, t)
 
     def refresh(rows, t):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -227,6 +228,39 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         labels = np.ones(decision.shape[0], dtype=int)
         labels[decision < 0] = -1
         return labels
+
+    def calibrate(self, X, fpr=0.01):
+        """Set the operating threshold from held-out normal samples only.
+
+        ``offset_`` becomes the ``fpr`` quantile of ``score_samples(X)``, so about a fraction
+        ``fpr`` of normal samples like X are predicted -1. No labelled defects are needed.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, d) or (n_samples, d)
+            Features of normal samples that were not used in fit.
+        fpr : float in (0, 1), default=0.01
+            Target false-positive rate on normal data.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+        """
+        check_is_fitted(self)
+        if not 0.0 < fpr < 1.0:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}.")
+        scores = self.score_samples(X)
+        if len(scores) * fpr < 1:
+            warnings.warn(
+                f"Calibrating fpr={fpr} on {len(scores)} samples: fewer than one false positive "
+                f"is expected, so the threshold is the lowest normal score; use at least "
+                f"{int(np.ceil(1 / fpr))} normal samples for a meaningful estimate.",
+                stacklevel=2,
+            )
+        self.offset_ = float(np.quantile(scores, fpr))
+        self.calibration_fpr_ = float(fpr)
+        self.calibration_n_samples_ = int(len(scores))
+        return self
 
     def predict_map(self, X, output_size=None, sigma=4.0):
         """Patch anomaly maps: higher = more anomalous, same units as ``-score_samples``.

@@ -30,7 +30,8 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0, **params):
+def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
+             return_model=False, **params):
     """Fit on ROOT/train/good, score ROOT/test, and compute the field's metrics.
 
     Parameters
@@ -45,6 +46,8 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0, *
         Folder for heat-map overlays of every test image.
     sigma : float, default=4.0
         Map smoothing, in network-input pixels.
+    return_model : bool, default=False
+        Also return the fitted pipeline.
     **params
         Pipeline parameters for :func:`make_patchcore` (``image_size``, ``sampling_ratio``...).
 
@@ -53,6 +56,8 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0, *
     results : dict
         image_auroc, pixel_auroc, aupro, fit_seconds, ms_per_image, peak_rss_mb, counts and
         the parameters used.
+    pipeline : PatchCorePipeline
+        Only with ``return_model=True``.
     """
     data = load_mvtec(root, category, allow_missing_masks=True)
     pipe = make_patchcore(**params)
@@ -98,7 +103,7 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0, *
 
         save_overlays(data.test, maps, Path(save_maps), masks=masks, scores=-scores,
                       threshold=-pipe[-1].offset_)
-    return results
+    return (results, pipe) if return_model else results
 
 
 def _parse(argv):

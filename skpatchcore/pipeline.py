@@ -75,6 +75,16 @@ class PatchCorePipeline(Pipeline):
             return np.stack(maps)
         return maps
 
+    @available_if(_final_has("calibrate"))
+    def calibrate(self, X, fpr=0.01):
+        """Set the final detector's threshold from held-out normal images (see
+        :meth:`PatchCoreDetector.calibrate`); returns self."""
+        Xt = X
+        for _, _, step in self._iter(with_final=False):
+            Xt = step.transform(Xt)
+        self._final_estimator.calibrate(Xt, fpr=fpr)
+        return self
+
     @available_if(_final_has("predict_map"))
     def predict_mask(self, X, threshold=None, sigma=4.0):
         """Boolean defect masks at each input image's own resolution.
