@@ -30,22 +30,17 @@ from ._utils import progress
 
 __all__ = ["greedy_kcenter", "greedy_kcenter_reference"]
 
-# Target number of points per block of the CPU algorithm. Measured on 300k x 128 features
-# (2 cores): 128-256 is the sweet spot between Python overhead per block refresh (fewer,
-# larger blocks) and pruning power (smaller, tighter blocks).
-_BLOCK_SIZE = 192
-
-
-def _sq_dists(A, b):
+def _sq_dists(A, b, out=None, work=None):
     """Squared distances ``fl(sum((A - b) ** 2, axis=-1))``: the one arithmetic used.
 
     Every distance that decides a selection, in the reference and in the fast paths, is
     computed by this function on rows of ``X``, so equal inputs give bit-identical values:
     the elementwise subtract and square are correctly rounded, and PyTorch reduces each
     contiguous row of length ``d`` the same way whatever the number of rows (checked by the
-    tests on CPU).
+    tests on CPU). ``out`` and ``work`` (the shape of ``A - b``) are optional buffers.
     """
-    return torch.sub(A, b).square_().sum(-1)
+    diff = torch.sub(A, b, out=work)
+    return torch.sum(diff.square_(), -1, out=out)
 
 
 def _check_inputs(X, n_centers, start_index):
@@ -157,59 +152,19 @@ def _greedy_dense(X, n_centers, start_index, verbose=False):
     return selected.cpu().numpy(), _radius(min_sq.max())
 
 
-def _partition(Xc, block_size, n_probe=256, n_power=3):
-    """Split points into spatially compact blocks of about ``block_size`` points.
-
-    A balanced binary tree: every node is split at the median of its points' projections on
-    the node's principal direction (power iteration on a strided subsample of the node). The
-    point count is padded to ``n_leaves * leaf_size`` with duplicates, which are dropped at the
-    end. Only the speed of :func:`greedy_kcenter` depends on the partition, never its result.
-
-    Returns
-    -------
-    perm : LongTensor of shape (n_samples,)
-        Original indices, block after block, ascending inside each block.
-    bounds : LongTensor of shape (n_blocks + 1,)
-        Block ``b`` is ``perm[bounds[b]:bounds[b + 1]]``.
-    """
-    n_samples, n_features = Xc.shape
-    n_levels = max(0, math.ceil(math.log2(n_samples / block_size)))
-    n_leaves = 1 << n_levels
-    leaf_size = -(-n_samples // n_leaves)
-    n_pad = n_leaves * leaf_size  # n_pad - n_samples < n_leaves <= n_samples
-    key = torch.arange(n_pad)  # key >= n_samples marks a padding duplicate of key - n_samples
-    Y = Xc[key % n_samples] if n_pad > n_samples else Xc.clone()
-    gen = torch.Generator().manual_seed(0)
-    for level in range(n_levels):
-        n_nodes = 1 << level
-        m = n_pad // n_nodes
-        Yv = Y.view(n_nodes, m, n_features)
-        probe = Yv[:, :: max(1, m // n_probe)]
-        probe = probe - probe.mean(1, keepdim=True)
-        v = torch.randn(n_nodes, n_features, 1, generator=gen, dtype=Y.dtype)
-        for _ in range(n_power):
-            v = torch.bmm(probe.transpose(1, 2), torch.bmm(probe, v))
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        order = torch.bmm(Yv, v).squeeze(2).argsort(1)
-        key = torch.take_along_dim(key.view(n_nodes, m), order, 1).reshape(-1)
-        if level + 1 < n_levels:
-            flat = (order + torch.arange(0, n_pad, m).unsqueeze(1)).reshape(-1)
-            Y = Y.index_select(0, flat)
-    key = key.view(n_leaves, leaf_size).sort(1).values
-    valid = key < n_samples
-    perm = key[valid]
-    sizes = valid.sum(1)
-    sizes = sizes[sizes > 0]
-    bounds = torch.zeros(sizes.numel() + 1, dtype=torch.long)
-    torch.cumsum(sizes, 0, out=bounds[1:])
-    return perm, bounds
+def _kth_largest(values, k):
+    """The k-th largest entry of a 1-D tensor, as a float."""
+    if 8 * k <= values.numel():
+        return float(torch.topk(values, k, sorted=False).values.min())
+    return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
 def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_elements=1 << 20,
                     verbose=False, return_radius=True, stats=None):
     """Exact greedy k-center with batched, lazily applied distance updates (CPU algorithm).
 
-    See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact.
+    See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact. ``stats``, a
+    dict or None, collects counters (pairs screened, pairs computed exactly, ...).
     """
     n_samples, n_features = X.shape
     dtype = X.dtype
@@ -220,139 +175,147 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
     gamma = 2.0 * (n_features + 8) * u
     kappa = 2.0 * (n_features + 6) * u
     inflate = 1.0 + 2.0 * gamma
+    shift_factor = 2.0 * u * (1.0 + 4.0 * u)
+    neg_inf = -math.inf
+    counts = {} if stats is None else stats
 
-    mu = X.mean(0)
-    Xc = X - mu  # centred copy: small norms keep the Gram-form error small
+    def count(key, value=1):
+        counts[key] = counts.get(key, 0) + value
+
+    Xc = X - X.mean(0)  # centred copy: small norms keep the Gram-form error small
     sq_norm = torch.linalg.vecdot(Xc, Xc)
-    norm_up = sq_norm.sqrt().mul_(inflate)  # upper bounds of |x - mu|
+    norm_up = sq_norm.sqrt().mul_(inflate)  # upper bounds of |x - mean|
 
-    # min_sq[i]: minimum squared distance of point i to centers 0 .. applied[i] - 1, which is
-    # an upper bound of its current value and exact when applied[i] == t; -1 once selected.
+    # min_sq[i] is the minimum squared distance of point i to centers 0 .. applied[i] - 1:
+    # an upper bound of its current value, exact when applied[i] == t; -1 once selected.
     min_sq = torch.full((n_samples,), math.inf, dtype=dtype)
     applied = torch.zeros(n_samples, dtype=torch.long)
-    centers_c = torch.empty(n_centers, n_features, dtype=dtype)
+    centers = torch.empty(n_centers, n_features, dtype=dtype)  # X rows, for exact distances
+    centers_c = torch.empty(n_centers, n_features, dtype=dtype)  # centred, for the Gram form
     centers_sq = torch.empty(n_centers, dtype=dtype)
     centers_norm = torch.empty(n_centers, dtype=dtype)
     selected = torch.empty(n_centers, dtype=torch.long)
-    neg_inf = -math.inf
+    member = torch.zeros(n_samples, dtype=torch.bool)
+    buffers = {}
+
+    def buffer(name, shape, dtype=dtype):
+        numel = math.prod(shape)
+        buf = buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = buffers[name] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
 
     def select(i, t):
         selected[t] = i
         min_sq[i] = -1.0
         applied[i] = n_centers  # never stale: a selected point stays at -1
+        centers[t] = X[i]
         centers_c[t] = Xc[i]
         centers_sq[t] = sq_norm[i]
         centers_norm[t] = norm_up[i]
 
-    member = torch.zeros(n_samples, dtype=torch.bool)
-    work = {}
-
-    def buffer(name, numel, dtype=dtype):
-        buf = work.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = work[name] = torch.empty(numel, dtype=dtype)
-        return buf[:numel]
-
-    def update(lo, hi, idx, first, t, limit_mask=None):
-        """Apply centers first .. t - 1 to rows lo .. hi - 1, or to rows idx if given."""
+    def update(lo, hi, idx, first, t, mask=None):
+        """Apply centers first .. t - 1 to rows lo .. hi - 1 (only those in mask if given),
+        or to the rows idx."""
         k = t - first
-        n_rows = hi - lo if idx is None else idx.numel()
-        points_c = Xc[lo:hi] if idx is None else Xc.index_select(0, idx)
-        current = min_sq[lo:hi] if idx is None else min_sq.index_select(0, idx)
-        sq = sq_norm[lo:hi] if idx is None else sq_norm.index_select(0, idx)
-        reach = (norm_up[lo:hi] if idx is None else norm_up.index_select(0, idx))
-        reach = reach + float(centers_norm[first:t].max())
-        approx = buffer("approx", n_rows * k).view(n_rows, k)
+        if idx is None:
+            n_rows = hi - lo
+            points_c, current, sq, reach = Xc[lo:hi], min_sq[lo:hi], sq_norm[lo:hi], norm_up[lo:hi]
+        else:
+            n_rows = idx.numel()
+            points_c = Xc.index_select(0, idx)
+            current = min_sq.index_select(0, idx)
+            sq = sq_norm.index_select(0, idx)
+            reach = norm_up.index_select(0, idx)
+        approx = buffer("approx", (n_rows, k))
         torch.addmm(centers_sq[first:t].unsqueeze(0), points_c, centers_c[first:t].T,
                     alpha=-2.0, out=approx)
-        # With A = approx + |x|^2 (the Gram form of the centred distance), s = kappa reach^2
-        # and e = 2u reach: the computed distance lies in
+        # With A = approx + |x|^2, the Gram form of the centred squared distance, and
+        # s = kappa reach^2, e = 2u reach, the computed distance of the pair lies in
         # [(sqrt(A - s) - e)^2 / inflate, (sqrt(A + s) + e)^2 * inflate].
+        reach = reach + float(centers_norm[first:t].max())
         slack = reach.square().mul_(kappa)
-        shift = reach.mul_(2.0 * u * (1.0 + 4.0 * u))
-        best = torch.amin(approx, 1).add_(sq).add_(slack).clamp_(min=0.0).sqrt_()
-        best.add_(shift).square_().mul_(inflate)
-        # Only pairs whose lower bound is below min(current, best upper bound) are evaluated.
+        shift = reach.mul_(shift_factor)
+        row_min = torch.amin(approx, 1)
+        best = row_min.add(sq).add_(slack).clamp_(min=0.0).sqrt_()
+        best.add_(shift).square_().mul_(inflate)  # upper bound of the row's new minimum
+        # A pair is evaluated only if its lower bound is below min(current, best), i.e. if
+        # approx < limit; the other pairs cannot lower the point's minimum.
         limit = torch.minimum(current, best).clamp_(min=0.0).mul_(inflate).sqrt_()
         limit.add_(shift).square_().add_(slack).mul_(1.0 + 8.0 * u).sub_(sq)
-        if limit_mask is not None:
-            limit.masked_fill_(~limit_mask, neg_inf)
-        hit = buffer("hit", n_rows * k, torch.bool).view(n_rows, k)
-        torch.lt(approx, limit.unsqueeze(1), out=hit)
-        pair_rows, pair_cols = hit.nonzero(as_tuple=True)
-        if stats is not None:
-            stats["pairs"] = stats.get("pairs", 0) + n_rows * k
-            stats["exact"] = stats.get("exact", 0) + pair_rows.numel()
-        if pair_rows.numel():
-            rows = pair_rows + lo if idx is None else idx.index_select(0, pair_rows)
-            exact = _sq_dists(X.index_select(0, rows),
-                              X.index_select(0, selected[first:t].index_select(0, pair_cols)))
-            current.scatter_reduce_(0, pair_rows, exact, "amin")
-            if idx is not None:
-                min_sq.index_copy_(0, idx, current)
+        if mask is not None:
+            limit.masked_fill_(~mask, neg_inf)
+        live = (row_min < limit).nonzero().squeeze(1)
+        count("pairs", n_rows * k)
+        if live.numel() == 0:
+            return
+        sub_rows, cols = (approx.index_select(0, live) < limit.index_select(0, live).unsqueeze(1)
+                          ).nonzero(as_tuple=True)
+        rows = live.index_select(0, sub_rows)
+        count("exact", rows.numel())
+        orig = rows + lo if idx is None else idx.index_select(0, rows)
+        exact = _sq_dists(X.index_select(0, orig), centers[first:t].index_select(0, cols))
+        current.scatter_reduce_(0, rows, exact, "amin")
+        if idx is not None:
+            min_sq.index_copy_(0, idx, current)
 
     def apply_pending(rows, first, t):
         """Apply centers first .. t - 1 to the given rows (ascending indices).
 
-        Rows are taken in windows of consecutive indices; a window where most rows need the
-        update is processed in place (other rows of it are masked out), the scattered rest
-        is gathered.
+        Rows go in windows of consecutive indices: a window where at least a quarter of the
+        rows need the update is processed in place (the other rows masked out); the
+        scattered rest is gathered.
         """
-        k = t - first
-        window = max(64, chunk_elements // k)
+        window = max(64, chunk_elements // (t - first))
         member[rows] = True
-        counts = torch.bincount(rows // window).tolist()
+        per_window = torch.bincount(rows // window).tolist()
         scattered = []
-        for w, count in enumerate(counts):
-            if count == 0:
+        for w, n_in in enumerate(per_window):
+            if n_in == 0:
                 continue
             lo, hi = w * window, min(n_samples, (w + 1) * window)
-            if 4 * count >= hi - lo:
-                update(lo, hi, None, first, t, None if count == hi - lo else member[lo:hi])
+            if 4 * n_in >= hi - lo:
+                count("dense windows")
+                update(lo, hi, None, first, t, None if n_in == hi - lo else member[lo:hi])
             else:
                 scattered.append(w)
         if scattered:
-            sparse = rows[torch.isin(rows // window, torch.tensor(scattered))]
-            for lo in range(0, sparse.numel(), window):
-                update(0, 0, sparse[lo : lo + window], first, t)
+            rest = rows[torch.isin(rows // window, torch.tensor(scattered))]
+            count("gathered rows", rest.numel())
+            for lo in range(0, rest.numel(), window):
+                update(0, 0, rest[lo : lo + window], first, t)
         member[rows] = False
         applied.index_fill_(0, rows, t)
 
     def refresh(rows, t):
-        """Bring the given stale rows up to date, grouped by how far behind they are."""
-        behind = applied.index_select(0, rows)
-        firsts, group = torch.unique(behind, return_inverse=True)
+        """Bring stale rows up to date, grouped by the first center they lack."""
+        firsts, group = torch.unique(applied.index_select(0, rows), return_inverse=True)
         for g, first in enumerate(firsts.tolist()):
             apply_pending(rows[group == g], first, t)
 
     def settle(k, t):
-        """Make the k largest values exact; return them as a candidate set.
+        """Make the k largest values exact and return them as the candidate set.
 
-        Returns (cand, cut, cut_index): the candidate points (ascending), the k-th largest
-        value ``cut`` and the lowest index of a point outside the set whose value equals
-        ``cut`` (n_samples if none). Every point outside the set has a value below ``cut``,
-        or equal to it with an index above cut_index.
+        Stale rows are refreshed, largest (stale) values first, in growing batches, until
+        no stale row can reach the k-th largest exact value. Returns (cand, cut, cut_index):
+        the candidates (ascending indices), the k-th largest value and the lowest index of
+        a point outside the set whose value equals ``cut`` (n_samples if none). Every
+        other point has a value below ``cut``, which stays true as values only decrease.
         """
+        count("settles")
         grow = 2 * k
         while True:
             stale = applied < t
             n_stale = int(stale.sum())
             fresh_vals = min_sq.masked_fill(stale, neg_inf)
-            n_fresh = n_samples - n_stale
-            cut = (float(torch.kthvalue(fresh_vals, n_samples - k + 1).values)
-                   if n_fresh >= k else neg_inf)
+            cut = _kth_largest(fresh_vals, k) if n_samples - n_stale >= k else neg_inf
             if n_stale == 0:
                 break
             stale_vals = min_sq.masked_fill(~stale, neg_inf)
             if float(stale_vals.max()) < cut:
                 break
-            if grow < n_stale:
-                level = float(torch.kthvalue(stale_vals, n_samples - grow + 1).values)
-                level = max(level, cut)
-            else:
-                level = cut
-            rows = (stale & (min_sq >= level)).nonzero().squeeze(1)
-            refresh(rows, t)
+            level = cut if grow >= n_stale else max(cut, _kth_largest(stale_vals, grow))
+            refresh((stale & (min_sq >= level)).nonzero().squeeze(1), t)
             grow *= 2
         above = (fresh_vals > cut).nonzero().squeeze(1)
         at = (fresh_vals == cut).nonzero().squeeze(1)
@@ -366,11 +329,15 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
     with progress(n_centers, "k-center", unit="center", disable=not verbose) as bar:
         bar.update()
         while t < n_centers:
+            # Candidate phase: the farthest point is among the candidates as long as their
+            # largest value beats every other point's (upper-bounded) value, so only the
+            # candidates need updating after each selection.
             cand, cut, cut_index = settle(min(n_candidates, n_samples), t)
             points = X.index_select(0, cand)
             values = min_sq.index_select(0, cand)
             upto = t  # the candidates' values include centers 0 .. upto - 1
-            while True:
+            steps = 0
+            while values.numel():
                 j = int(torch.argmax(values))
                 top = float(values[j])
                 i = int(cand[j])
@@ -382,8 +349,19 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
                 bar.update()
                 if t == n_centers:
                     break
-                torch.minimum(values, _sq_dists(points, points[j]), out=values)
+                m = values.numel()
+                dists = _sq_dists(points, points[j], out=buffer("dists", (m,)),
+                                  work=buffer("diff", (m, n_features)))
+                torch.minimum(values, dists, out=values)
                 upto = t
+                steps += 1
+                if steps % 16 == 0:
+                    # Points below the cut cannot be selected in this phase: drop them.
+                    keep = (values >= cut).nonzero().squeeze(1)
+                    if 2 * keep.numel() <= m:
+                        min_sq.index_copy_(0, cand, values)
+                        applied.index_copy_(0, cand, torch.where(values < 0, n_centers, upto))
+                        cand, points, values = cand[keep], points[keep], values[keep]
             min_sq.index_copy_(0, cand, values)
             applied.index_copy_(0, cand, torch.where(values < 0, n_centers, upto))
     radius = None
@@ -391,11 +369,6 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
         cand, _, _ = settle(1, n_centers)
         radius = _radius(min_sq[cand[0]])
     return selected.numpy(), radius
-
-
-def _default_block_size(n_samples):
-    """Block size: _BLOCK_SIZE for large inputs, smaller for small ones (~64+ blocks)."""
-    return int(min(_BLOCK_SIZE, max(4, n_samples // 64)))
 
 
 def greedy_kcenter(X, n_centers, *, start_index=0, return_radius=True, verbose=False):

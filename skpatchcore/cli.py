@@ -85,7 +85,7 @@ def _cmd_predict(args):
     out.mkdir(parents=True, exist_ok=True)
     features = model[:-1].transform(paths)
     detector = model[-1]
-    scores = detector.score_samples(features)
+    scores, grids = detector.score_and_map(features)
     decision = scores - detector.offset_
     labels = np.where(decision < 0, -1, 1)
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -96,7 +96,6 @@ def _cmd_predict(args):
     from ._images import check_images
     from .pipeline import _extractor_of, _grids_to_images
 
-    grids = detector.predict_map(features)
     maps = _grids_to_images(grids, check_images(paths).sizes(), _extractor_of(model), 4.0)
     threshold = -detector.offset_ if args.threshold is None else args.threshold
     if not args.no_images:

@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._utils import resolve_device
-from .coreset import MemoryBank, check_features, normal_mask, validate_features
+from .coreset import MemoryBank, normal_mask, validate_features
 from .neighbors import make_index
 
 __all__ = ["PatchCoreDetector"]
@@ -229,6 +229,28 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         labels[decision < 0] = -1
         return labels
 
+    def score_and_map(self, X):
+        """``score_samples(X)`` and ``predict_map(X)`` from one nearest-neighbour search.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, d)
+
+        Returns
+        -------
+        scores : ndarray of shape (n,), float64
+            As :meth:`score_samples` (lower = more abnormal).
+        maps : ndarray of shape (n, h, w), float32
+            As :meth:`predict_map` with ``output_size=None`` (higher = more anomalous).
+        """
+        check_is_fitted(self)
+        X = validate_features(self, X, reset=False)
+        if X.ndim != 4:
+            raise ValueError(f"Maps need feature grids of shape (n_images, h, w, d), got "
+                             f"shape {X.shape}.")
+        scores, grids = self._anomaly_scores(X)
+        return -scores, grids.astype(np.float32)
+
     def calibrate(self, X, fpr=0.01):
         """Set the operating threshold from held-out normal samples only.
 
@@ -280,10 +302,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         -------
         maps : ndarray of shape (n, h, w) or (n, H, W), float32
         """
-        check_is_fitted(self)
-        X = check_features(X, "X", allow_2d=False)
-        self._check_n_features(X)
-        grids = self._anomaly_scores(X)[1].astype(np.float32)
+        grids = self.score_and_map(X)[1]
         if output_size is None:
             return grids
         return upsample_maps(grids, output_size, sigma)
@@ -291,13 +310,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     # --------------------------------------------------------------- internals
     def _check_X(self, X, reset):
         return validate_features(self, X, reset=reset)
-
-    def _check_n_features(self, X):
-        if X.shape[-1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[-1]} features per patch, but PatchCoreDetector was fitted "
-                f"with {self.n_features_in_}. Use the same FeatureExtractor settings as in fit."
-            )
 
     def _get_index(self):
         if getattr(self, "_index", None) is None:

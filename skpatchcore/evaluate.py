@@ -67,9 +67,8 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
 
     start = time.perf_counter()
     features = pipe[:-1].transform(data.test)
-    scores = pipe[-1].score_samples(features)
+    scores, grids = pipe[-1].score_and_map(features)
     score_seconds = time.perf_counter() - start
-    grids = pipe[-1].predict_map(features)
     del features
 
     from .pipeline import _extractor_of, _grids_to_images
@@ -87,6 +86,7 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
         "pixel_auroc": pixel_auroc(masks, maps),
         f"aupro@{fpr_limit:g}": aupro(masks, maps, fpr_limit=fpr_limit),
         "fit_seconds": fit_seconds,
+        # features + search + image scores + patch maps, per test image
         "ms_per_image": 1000.0 * score_seconds / len(data.test),
         "peak_rss_mb": _peak_rss_mb(),
         "params": {k: v for k, v in pipe.get_params().items() if "__" in k},

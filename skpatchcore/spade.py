@@ -237,6 +237,7 @@ class SPADEDetector(OutlierMixin, BaseEstimator):
         self.bank_sample_index_ = groups[order]
         self.image_features_ = _pool(source)
         self._patch_index = self._image_index = None
+        self._get_image_index(), self._get_patch_index()  # built once, here (cheap)
         train_groups = np.arange(n_train)
         train_scores = -self._image_anomaly(source, train_groups)
         self.offset_ = _contamination_offset(train_scores, self.contamination, "SPADEDetector")
