@@ -252,8 +252,12 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
         sub_rows, cols = (approx.index_select(0, live) < limit.index_select(0, live).unsqueeze(1)
                           ).nonzero(as_tuple=True)
         rows = live.index_select(0, sub_rows)
-        count("exact", rows.numel())
         orig = rows + lo if idx is None else idx.index_select(0, rows)
+        # Centers a row has already seen cannot lower its minimum: skip those pairs.
+        new_pair = (cols + first) >= applied.index_select(0, orig)
+        if not bool(new_pair.all()):
+            rows, cols, orig = rows[new_pair], cols[new_pair], orig[new_pair]
+        count("exact", rows.numel())
         exact = _sq_dists(X.index_select(0, orig), centers[first:t].index_select(0, cols))
         current.scatter_reduce_(0, rows, exact, "amin")
         if idx is not None:
@@ -288,9 +292,22 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
         applied.index_fill_(0, rows, t)
 
     def refresh(rows, t):
-        """Bring stale rows up to date, grouped by the first center they lack."""
-        firsts, group = torch.unique(applied.index_select(0, rows), return_inverse=True)
-        for g, first in enumerate(firsts.tolist()):
+        """Bring stale rows up to date, grouped by the first center they lack.
+
+        Rows whose first missing centers are close are merged into one group (at most a
+        quarter more centers than they need, whose pairs are then skipped).
+        """
+        behind = applied.index_select(0, rows)
+        firsts = torch.unique(behind).tolist()
+        starts = []
+        for first in firsts:
+            if not starts or first - starts[-1] > max(16, (t - first) // 4):
+                starts.append(first)
+        if len(starts) == 1:
+            apply_pending(rows, starts[0], t)
+            return
+        group = torch.bucketize(behind, torch.tensor(starts), right=True) - 1
+        for g, first in enumerate(starts):
             apply_pending(rows[group == g], first, t)
 
     def settle(k, t):
