@@ -20,6 +20,7 @@ Comparisons are made on squared distances: the square root can merge two differe
 into one and so change which point wins a tie.
 """
 
+import contextlib
 import math
 import numbers
 
@@ -150,6 +151,16 @@ def _greedy_dense(X, n_centers, start_index, verbose=False):
             new = torch.argmax(min_sq).view(1)
             bar.update()
     return selected.cpu().numpy(), _radius(min_sq.max())
+
+
+@contextlib.contextmanager
+def _restore_num_threads():
+    """Restore torch's intra-op thread count on exit."""
+    n_threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def _kth_largest(values, k):
@@ -343,13 +354,19 @@ def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_eleme
 
     select(start_index, 0)
     t = 1
-    with progress(n_centers, "k-center", unit="center", disable=not verbose) as bar:
+    n_threads = torch.get_num_threads()
+    with (progress(n_centers, "k-center", unit="center", disable=not verbose) as bar,
+          _restore_num_threads()):
         bar.update()
         while t < n_centers:
             # Candidate phase: the farthest point is among the candidates as long as their
             # largest value beats every other point's (upper-bounded) value, so only the
             # candidates need updating after each selection.
+            torch.set_num_threads(n_threads)
             cand, cut, cut_index = settle(min(n_candidates, n_samples), t)
+            # The per-step updates below are small: one thread avoids fork-join overhead
+            # (and, on a busy machine, waiting for a second core).
+            torch.set_num_threads(1)
             points = X.index_select(0, cand)
             values = min_sq.index_select(0, cand)
             upto = t  # the candidates' values include centers 0 .. upto - 1

@@ -232,9 +232,11 @@ class SPADEDetector(OutlierMixin, BaseEstimator):
                 f"SPADEDetector needs at least 2 normal training samples (leave-one-out "
                 f"training scores set offset_), got n_samples={n_train}."
             )
-        order = np.argsort(groups, kind="stable")
-        self.memory_bank_ = np.ascontiguousarray(bank[order], dtype=np.float32)
-        self.bank_sample_index_ = groups[order]
+        if np.any(np.diff(groups) < 0):  # coreset rows: group them by training sample
+            order = np.argsort(groups, kind="stable")
+            bank, groups = bank[order], groups[order]
+        self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+        self.bank_sample_index_ = groups
         self.image_features_ = _pool(source)
         self._patch_index = self._image_index = None
         self._get_image_index(), self._get_patch_index()  # built once, here (cheap)
