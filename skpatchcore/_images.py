@@ -26,6 +26,7 @@ ACCEPTED_FORMS = (
     "a numpy array (n, H, W) or (n, H, W, 3|4) of uint8 or floats in [0, 1], a list of such "
     "arrays with different sizes, or a torch tensor (n, 3, H, W)"
 )
+#: File extensions (lower case) recognised as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -174,18 +175,51 @@ class ImageList:
         return sizes
 
 
-def list_image_files(folder):
-    """Sorted image files directly inside ``folder``."""
+def list_images(folder):
+    """List the image files directly inside a folder, sorted by name.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder to list. Sub-folders are not searched.
+
+    Returns
+    -------
+    paths : list of pathlib.Path
+        Files whose extension is one of ``.png .jpg .jpeg .bmp .tif .tiff .webp`` (any case), sorted
+        by file name.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` does not exist or is not a directory.
+    ValueError
+        If ``folder`` holds no image file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> from skpatchcore.datasets import list_images
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> Image.new("L", (4, 4)).save(d / "b.PNG"); Image.new("L", (4, 4)).save(d / "a.png")
+    >>> [p.name for p in list_images(d)]
+    ['a.png', 'b.PNG']
+    """
     folder = Path(folder)
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist.")
+    paths = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.name,
     )
-    if not files:
+    if not paths:
         raise ValueError(
-            f"Directory {str(folder)!r} contains no images (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)})."
+            f"Image folder {str(folder)!r} contains no image file (extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}); check the path."
         )
-    return files
+    return paths
+
 
 
 def check_images(X):
@@ -199,7 +233,7 @@ def check_images(X):
     if isinstance(X, str | os.PathLike):
         path = Path(X)
         if path.is_dir():
-            return ImageList(list_image_files(path), "paths")
+            return ImageList(list_images(path), "paths")
         if path.is_file():
             return ImageList([path], "paths")
         raise FileNotFoundError(f"X={os.fspath(X)!r}: no such file or directory.")

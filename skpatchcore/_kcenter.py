@@ -23,6 +23,8 @@ into one and so change which point wins a tie.
 import contextlib
 import math
 import numbers
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -154,13 +156,26 @@ def _greedy_dense(X, n_centers, start_index, verbose=False):
 
 
 @contextlib.contextmanager
-def _restore_num_threads():
-    """Restore torch's intra-op thread count on exit."""
+def _cpu_settings():
+    """Full-precision float32 matrix products and one intra-op thread, restored on exit.
+
+    The Gram-form error bound assumes IEEE float32 products, so a reduced-precision setting
+    (``torch.backends.mkldnn.matmul.fp32_precision`` = "bf16" or "tf32") is lifted for the
+    call. The intra-op thread count is set to 1 because the parallel work is spread over a
+    thread pool instead (see :class:`_LazyGreedy`).
+    """
     n_threads = torch.get_num_threads()
+    mkldnn_matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    precision = getattr(mkldnn_matmul, "fp32_precision", None)
     try:
-        yield
+        if precision not in (None, "none", "ieee"):
+            mkldnn_matmul.fp32_precision = "ieee"
+        torch.set_num_threads(1)
+        yield n_threads
     finally:
         torch.set_num_threads(n_threads)
+        if precision not in (None, "none", "ieee"):
+            mkldnn_matmul.fp32_precision = precision
 
 
 def _kth_largest(values, k):
@@ -170,239 +185,280 @@ def _kth_largest(values, k):
     return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
-def _greedy_batched(X, n_centers, start_index, *, n_candidates=2048, chunk_elements=1 << 20,
-                    verbose=False, return_radius=True, stats=None):
-    """Exact greedy k-center with batched, lazily applied distance updates (CPU algorithm).
+class _LazyGreedy:
+    """Exact greedy k-center on CPU: candidate phases and lazily batched updates.
 
-    See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact. ``stats``, a
-    dict or None, collects counters (pairs screened, pairs computed exactly, ...).
+    See :func:`greedy_kcenter`, Notes, for the algorithm and why it is exact.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n_samples, n_features), float32 or float64, on CPU
+    n_centers : int, at most n_samples
+    n_candidates : int
+        Size of the candidate set of each phase.
+    chunk_elements : int
+        Size of the (rows x centers) blocks of the batched updates.
+    pool : concurrent.futures.Executor or None
+        Runs the blocks of a batched update in parallel; None runs them in order.
+    stats : dict or None
+        Receives counters: settles, pairs (screened by the Gram form), exact (pairs given
+        the reference arithmetic), dense windows and gathered rows.
     """
-    n_samples, n_features = X.shape
-    dtype = X.dtype
-    u = torch.finfo(dtype).eps / 2  # unit roundoff
-    # A computed squared distance has relative error below gamma (subtract, square, d-term
-    # sum); the Gram form |x|^2 + |q|^2 - 2 x.q has absolute error below kappa (|x| + |q|)^2;
-    # centring moves a distance by at most 2 u (|x| + |q|). All with a factor 2 of slack.
-    gamma = 2.0 * (n_features + 8) * u
-    kappa = 2.0 * (n_features + 6) * u
-    inflate = 1.0 + 2.0 * gamma
-    shift_factor = 2.0 * u * (1.0 + 4.0 * u)
-    neg_inf = -math.inf
-    counts = {} if stats is None else stats
 
-    def count(key, value=1):
-        counts[key] = counts.get(key, 0) + value
+    def __init__(self, X, n_centers, *, n_candidates=2048, chunk_elements=1 << 20, pool=None,
+                 stats=None):
+        n_samples, n_features = X.shape
+        self.X, self.n_centers, self.n_samples = X, n_centers, n_samples
+        self.n_candidates = min(n_candidates, n_samples)
+        self.chunk_elements, self.pool = chunk_elements, pool
+        self.stats = {} if stats is None else stats
+        dtype = X.dtype
+        u = torch.finfo(dtype).eps / 2  # unit roundoff
+        # A computed squared distance has relative error below gamma / 2 (subtract, square,
+        # a d-term sum of non-negative terms in any order); the Gram form |x|^2 + |q|^2 -
+        # 2 x.q has absolute error below kappa (|x| + |q|)^2 / 2 (norms, dot product in any
+        # order or blocking, with or without FMA, and the sum); centring moves a distance by
+        # at most 2 u (|x| + |q|). Each is used with a factor 2 of slack, and the threshold
+        # arithmetic is inflated by 8 u more.
+        self.u = u
+        self.kappa = 2.0 * (n_features + 6) * u
+        self.inflate = 1.0 + 4.0 * (n_features + 8) * u
+        self.Xc = X - X.mean(0)  # centred copy: small norms keep the Gram-form error small
+        self.sq_norm = torch.linalg.vecdot(self.Xc, self.Xc)
+        self.norm_up = self.sq_norm.sqrt().mul_(self.inflate)  # upper bounds of |x - mean|
+        # min_sq[i] is the minimum squared distance of point i to centers 0..applied[i]-1:
+        # an upper bound of its current value, exact when applied[i] == t; -1 once selected.
+        self.min_sq = torch.full((n_samples,), math.inf, dtype=dtype)
+        self.applied = torch.zeros(n_samples, dtype=torch.long)
+        self.centers = torch.empty(n_centers, n_features, dtype=dtype)  # rows of X
+        self.centers_c = torch.empty(n_centers, n_features, dtype=dtype)  # centred rows
+        self.centers_sq = torch.empty(n_centers, dtype=dtype)
+        self.centers_norm = torch.empty(n_centers, dtype=dtype)
+        self.selected = torch.empty(n_centers, dtype=torch.long)
+        self.member = torch.zeros(n_samples, dtype=torch.bool)
+        self.local = threading.local()
+        self.t = 0
 
-    Xc = X - X.mean(0)  # centred copy: small norms keep the Gram-form error small
-    sq_norm = torch.linalg.vecdot(Xc, Xc)
-    norm_up = sq_norm.sqrt().mul_(inflate)  # upper bounds of |x - mean|
+    def count(self, key, value=1):
+        self.stats[key] = self.stats.get(key, 0) + value
 
-    # min_sq[i] is the minimum squared distance of point i to centers 0 .. applied[i] - 1:
-    # an upper bound of its current value, exact when applied[i] == t; -1 once selected.
-    min_sq = torch.full((n_samples,), math.inf, dtype=dtype)
-    applied = torch.zeros(n_samples, dtype=torch.long)
-    centers = torch.empty(n_centers, n_features, dtype=dtype)  # X rows, for exact distances
-    centers_c = torch.empty(n_centers, n_features, dtype=dtype)  # centred, for the Gram form
-    centers_sq = torch.empty(n_centers, dtype=dtype)
-    centers_norm = torch.empty(n_centers, dtype=dtype)
-    selected = torch.empty(n_centers, dtype=torch.long)
-    member = torch.zeros(n_samples, dtype=torch.bool)
-    buffers = {}
-
-    def buffer(name, shape, dtype=dtype):
+    def buffer(self, name, shape, dtype=None):
+        """A reusable, per-thread work buffer."""
+        buffers = self.local.__dict__.setdefault("buffers", {})
         numel = math.prod(shape)
         buf = buffers.get(name)
         if buf is None or buf.numel() < numel:
-            buf = buffers[name] = torch.empty(numel, dtype=dtype)
+            buf = buffers[name] = torch.empty(numel, dtype=dtype or self.X.dtype)
         return buf[:numel].view(shape)
 
-    def select(i, t):
-        selected[t] = i
-        min_sq[i] = -1.0
-        applied[i] = n_centers  # never stale: a selected point stays at -1
-        centers[t] = X[i]
-        centers_c[t] = Xc[i]
-        centers_sq[t] = sq_norm[i]
-        centers_norm[t] = norm_up[i]
+    def select(self, i):
+        t = self.t
+        self.selected[t] = i
+        self.min_sq[i] = -1.0
+        self.applied[i] = self.n_centers  # never stale: a selected point stays at -1
+        self.centers[t] = self.X[i]
+        self.centers_c[t] = self.Xc[i]
+        self.centers_sq[t] = self.sq_norm[i]
+        self.centers_norm[t] = self.norm_up[i]
+        self.t = t + 1
 
-    def update(lo, hi, idx, first, t, mask=None):
-        """Apply centers first .. t - 1 to rows lo .. hi - 1 (only those in mask if given),
-        or to the rows idx."""
-        k = t - first
+    def update(self, task):
+        """Apply centers first..end-1 to rows lo..hi-1 (those in mask if given) or to rows
+        idx. Returns the number of pairs screened and of pairs computed exactly."""
+        lo, hi, idx, first, end, mask = task
+        k = end - first
         if idx is None:
             n_rows = hi - lo
-            points_c, current, sq, reach = Xc[lo:hi], min_sq[lo:hi], sq_norm[lo:hi], norm_up[lo:hi]
+            points_c, current = self.Xc[lo:hi], self.min_sq[lo:hi]
+            sq, reach = self.sq_norm[lo:hi], self.norm_up[lo:hi]
         else:
             n_rows = idx.numel()
-            points_c = Xc.index_select(0, idx)
-            current = min_sq.index_select(0, idx)
-            sq = sq_norm.index_select(0, idx)
-            reach = norm_up.index_select(0, idx)
-        approx = buffer("approx", (n_rows, k))
-        torch.addmm(centers_sq[first:t].unsqueeze(0), points_c, centers_c[first:t].T,
-                    alpha=-2.0, out=approx)
+            points_c = self.Xc.index_select(0, idx)
+            current = self.min_sq.index_select(0, idx)
+            sq, reach = self.sq_norm.index_select(0, idx), self.norm_up.index_select(0, idx)
+        approx = self.buffer("approx", (n_rows, k))
+        torch.addmm(self.centers_sq[first:end].unsqueeze(0), points_c,
+                    self.centers_c[first:end].T, alpha=-2.0, out=approx)
         # With A = approx + |x|^2, the Gram form of the centred squared distance, and
-        # s = kappa reach^2, e = 2u reach, the computed distance of the pair lies in
+        # s = kappa reach^2, e = 2u reach, the pair's computed distance lies in
         # [(sqrt(A - s) - e)^2 / inflate, (sqrt(A + s) + e)^2 * inflate].
-        reach = reach + float(centers_norm[first:t].max())
-        slack = reach.square().mul_(kappa)
-        shift = reach.mul_(shift_factor)
+        u, inflate = self.u, self.inflate
+        reach = reach + float(self.centers_norm[first:end].max())
+        slack = reach.square().mul_(self.kappa)
+        shift = reach.mul_(2.0 * u * (1.0 + 4.0 * u))
         row_min = torch.amin(approx, 1)
         best = row_min.add(sq).add_(slack).clamp_(min=0.0).sqrt_()
         best.add_(shift).square_().mul_(inflate)  # upper bound of the row's new minimum
-        # A pair is evaluated only if its lower bound is below min(current, best), i.e. if
-        # approx < limit; the other pairs cannot lower the point's minimum.
+        # A pair is computed exactly only if its lower bound is below min(current, best),
+        # i.e. if approx < limit; no other pair can lower the point's minimum.
         limit = torch.minimum(current, best).clamp_(min=0.0).mul_(inflate).sqrt_()
         limit.add_(shift).square_().add_(slack).mul_(1.0 + 8.0 * u).sub_(sq)
         if mask is not None:
-            limit.masked_fill_(~mask, neg_inf)
+            limit.masked_fill_(~mask, -math.inf)
         live = (row_min < limit).nonzero().squeeze(1)
-        count("pairs", n_rows * k)
         if live.numel() == 0:
-            return
-        sub_rows, cols = (approx.index_select(0, live) < limit.index_select(0, live).unsqueeze(1)
-                          ).nonzero(as_tuple=True)
+            return n_rows * k, 0
+        hits = approx.index_select(0, live) < limit.index_select(0, live).unsqueeze(1)
+        sub_rows, cols = hits.nonzero(as_tuple=True)
         rows = live.index_select(0, sub_rows)
         orig = rows + lo if idx is None else idx.index_select(0, rows)
         # Centers a row has already seen cannot lower its minimum: skip those pairs.
-        new_pair = (cols + first) >= applied.index_select(0, orig)
+        new_pair = (cols + first) >= self.applied.index_select(0, orig)
         if not bool(new_pair.all()):
             rows, cols, orig = rows[new_pair], cols[new_pair], orig[new_pair]
-        count("exact", rows.numel())
-        exact = _sq_dists(X.index_select(0, orig), centers[first:t].index_select(0, cols))
+        exact = _sq_dists(self.X.index_select(0, orig),
+                          self.centers[first:end].index_select(0, cols))
         current.scatter_reduce_(0, rows, exact, "amin")
         if idx is not None:
-            min_sq.index_copy_(0, idx, current)
+            self.min_sq.index_copy_(0, idx, current)
+        return n_rows * k, rows.numel()
 
-    def apply_pending(rows, first, t):
-        """Apply centers first .. t - 1 to the given rows (ascending indices).
+    def plan(self, rows, first, tasks):
+        """Split the update of rows (ascending) by centers first..t-1 into tasks.
 
         Rows go in windows of consecutive indices: a window where at least a quarter of the
-        rows need the update is processed in place (the other rows masked out); the
-        scattered rest is gathered.
+        rows need the update is done in place (its other rows masked out), the scattered
+        rest is gathered.
         """
-        window = max(64, chunk_elements // (t - first))
-        member[rows] = True
-        per_window = torch.bincount(rows // window).tolist()
+        end = self.t
+        window = max(64, self.chunk_elements // (end - first))
+        self.member[rows] = True
         scattered = []
-        for w, n_in in enumerate(per_window):
-            if n_in == 0:
-                continue
-            lo, hi = w * window, min(n_samples, (w + 1) * window)
+        for w, n_in in enumerate(torch.bincount(rows // window).tolist()):
+            lo, hi = w * window, min(self.n_samples, (w + 1) * window)
             if 4 * n_in >= hi - lo:
-                count("dense windows")
-                update(lo, hi, None, first, t, None if n_in == hi - lo else member[lo:hi])
-            else:
+                mask = None if n_in == hi - lo else self.member[lo:hi].clone()
+                tasks.append((lo, hi, None, first, end, mask))
+                self.count("dense windows")
+            elif n_in:
                 scattered.append(w)
+        self.member[rows] = False
         if scattered:
             rest = rows[torch.isin(rows // window, torch.tensor(scattered))]
-            count("gathered rows", rest.numel())
+            self.count("gathered rows", rest.numel())
             for lo in range(0, rest.numel(), window):
-                update(0, 0, rest[lo : lo + window], first, t)
-        member[rows] = False
-        applied.index_fill_(0, rows, t)
+                tasks.append((0, 0, rest[lo : lo + window], first, end, None))
 
-    def refresh(rows, t):
+    def refresh(self, rows):
         """Bring stale rows up to date, grouped by the first center they lack.
 
         Rows whose first missing centers are close are merged into one group (at most a
-        quarter more centers than they need, whose pairs are then skipped).
+        quarter more centers than they need; the pairs they have seen are skipped).
         """
-        behind = applied.index_select(0, rows)
-        firsts = torch.unique(behind).tolist()
+        t = self.t
+        behind = self.applied.index_select(0, rows)
         starts = []
-        for first in firsts:
+        for first in torch.unique(behind).tolist():
             if not starts or first - starts[-1] > max(16, (t - first) // 4):
                 starts.append(first)
+        tasks = []
         if len(starts) == 1:
-            apply_pending(rows, starts[0], t)
-            return
-        group = torch.bucketize(behind, torch.tensor(starts), right=True) - 1
-        for g, first in enumerate(starts):
-            apply_pending(rows[group == g], first, t)
+            self.plan(rows, starts[0], tasks)
+        else:
+            group = torch.bucketize(behind, torch.tensor(starts), right=True) - 1
+            for g, first in enumerate(starts):
+                self.plan(rows[group == g], first, tasks)
+        if self.pool is None or len(tasks) < 2:
+            done = [self.update(task) for task in tasks]
+        else:
+            done = list(self.pool.map(self.update, tasks))
+        self.count("pairs", sum(p for p, _ in done))
+        self.count("exact", sum(e for _, e in done))
+        self.applied.index_fill_(0, rows, t)
 
-    def settle(k, t):
-        """Make the k largest values exact and return them as the candidate set.
+    def settle(self, k):
+        """Make the k largest values exact and return them as a candidate set.
 
         Stale rows are refreshed, largest (stale) values first, in growing batches, until
         no stale row can reach the k-th largest exact value. Returns (cand, cut, cut_index):
         the candidates (ascending indices), the k-th largest value and the lowest index of
-        a point outside the set whose value equals ``cut`` (n_samples if none). Every
-        other point has a value below ``cut``, which stays true as values only decrease.
+        a point outside the set whose value equals ``cut`` (n_samples if none). Every other
+        point outside has a value below ``cut``; values only decrease.
         """
-        count("settles")
+        self.count("settles")
+        t, n_samples, min_sq = self.t, self.n_samples, self.min_sq
         grow = 2 * k
         while True:
-            stale = applied < t
+            stale = self.applied < t
             n_stale = int(stale.sum())
-            fresh_vals = min_sq.masked_fill(stale, neg_inf)
-            cut = _kth_largest(fresh_vals, k) if n_samples - n_stale >= k else neg_inf
+            fresh = min_sq.masked_fill(stale, -math.inf)
+            cut = _kth_largest(fresh, k) if n_samples - n_stale >= k else -math.inf
             if n_stale == 0:
                 break
-            stale_vals = min_sq.masked_fill(~stale, neg_inf)
-            if float(stale_vals.max()) < cut:
+            stale_values = min_sq.masked_fill(~stale, -math.inf)
+            if float(stale_values.max()) < cut:
                 break
-            level = cut if grow >= n_stale else max(cut, _kth_largest(stale_vals, grow))
-            refresh((stale & (min_sq >= level)).nonzero().squeeze(1), t)
+            level = cut if grow >= n_stale else max(cut, _kth_largest(stale_values, grow))
+            self.refresh((stale & (min_sq >= level)).nonzero().squeeze(1))
             grow *= 2
-        above = (fresh_vals > cut).nonzero().squeeze(1)
-        at = (fresh_vals == cut).nonzero().squeeze(1)
+        above = (fresh > cut).nonzero().squeeze(1)
+        at = (fresh == cut).nonzero().squeeze(1)
         need = k - above.numel()
         cand = torch.cat([above, at[:need]]).sort().values
         cut_index = int(at[need]) if need < at.numel() else n_samples
         return cand, cut, cut_index
 
-    select(start_index, 0)
-    t = 1
-    n_threads = torch.get_num_threads()
-    with (progress(n_centers, "k-center", unit="center", disable=not verbose) as bar,
-          _restore_num_threads()):
-        bar.update()
-        while t < n_centers:
-            # Candidate phase: the farthest point is among the candidates as long as their
-            # largest value beats every other point's (upper-bounded) value, so only the
-            # candidates need updating after each selection.
-            torch.set_num_threads(n_threads)
-            cand, cut, cut_index = settle(min(n_candidates, n_samples), t)
-            # The per-step updates below are small: one thread avoids fork-join overhead
-            # (and, on a busy machine, waiting for a second core).
-            torch.set_num_threads(1)
-            points = X.index_select(0, cand)
-            values = min_sq.index_select(0, cand)
-            upto = t  # the candidates' values include centers 0 .. upto - 1
-            steps = 0
-            while values.numel():
-                j = int(torch.argmax(values))
-                top = float(values[j])
-                i = int(cand[j])
-                if top < cut or (top == cut and i > cut_index):
-                    break  # a point outside the candidates may now be the farthest
-                select(i, t)
-                values[j] = -1.0
-                t += 1
-                bar.update()
-                if t == n_centers:
-                    break
-                m = values.numel()
-                dists = _sq_dists(points, points[j], out=buffer("dists", (m,)),
-                                  work=buffer("diff", (m, n_features)))
-                torch.minimum(values, dists, out=values)
-                upto = t
-                steps += 1
-                if steps % 16 == 0:
-                    # Points below the cut cannot be selected in this phase: drop them.
-                    keep = (values >= cut).nonzero().squeeze(1)
-                    if 2 * keep.numel() <= m:
-                        min_sq.index_copy_(0, cand, values)
-                        applied.index_copy_(0, cand, torch.where(values < 0, n_centers, upto))
-                        cand, points, values = cand[keep], points[keep], values[keep]
-            min_sq.index_copy_(0, cand, values)
-            applied.index_copy_(0, cand, torch.where(values < 0, n_centers, upto))
-    radius = None
-    if return_radius:
-        cand, _, _ = settle(1, n_centers)
-        radius = _radius(min_sq[cand[0]])
-    return selected.numpy(), radius
+    def phase(self, bar):
+        """Select centers from a candidate set while it provably holds the farthest point."""
+        cand, cut, cut_index = self.settle(self.n_candidates)
+        points = self.X.index_select(0, cand)
+        values = self.min_sq.index_select(0, cand)
+        upto = self.t  # the candidates' values include centers 0..upto-1
+
+        def write_back():
+            self.min_sq.index_copy_(0, cand, values)
+            self.applied.index_copy_(0, cand, torch.where(values < 0, self.n_centers, upto))
+
+        steps = 0
+        while values.numel():
+            j = int(torch.argmax(values))
+            top = float(values[j])
+            i = int(cand[j])
+            if top < cut or (top == cut and i > cut_index):
+                break  # a point outside the candidates may now be the farthest
+            self.select(i)
+            values[j] = -1.0
+            bar.update()
+            if self.t == self.n_centers:
+                break
+            m = values.numel()
+            dists = _sq_dists(points, points[j], out=self.buffer("dists", (m,)),
+                              work=self.buffer("diff", (m, points.shape[1])))
+            torch.minimum(values, dists, out=values)
+            upto = self.t
+            steps += 1
+            if steps % 16 == 0:
+                # Candidates below the cut cannot be selected in this phase: drop them.
+                keep = (values >= cut).nonzero().squeeze(1)
+                if 2 * keep.numel() <= m:
+                    write_back()
+                    cand, points, values = cand[keep], points[keep], values[keep]
+        write_back()
+
+    def run(self, start_index, verbose=False, return_radius=True):
+        self.select(start_index)
+        with progress(self.n_centers, "k-center", unit="center", disable=not verbose) as bar:
+            bar.update()
+            while self.t < self.n_centers:
+                self.phase(bar)
+        radius = None
+        if return_radius:
+            cand, _, _ = self.settle(1)
+            radius = _radius(self.min_sq[cand[0]])
+        return self.selected.numpy(), radius
+
+
+def _greedy_batched(X, n_centers, start_index, *, n_threads=None, verbose=False,
+                    return_radius=True, **options):
+    """Run :class:`_LazyGreedy` with n_threads worker threads (default: torch's setting)."""
+    with _cpu_settings() as default_threads:
+        n_threads = default_threads if n_threads is None else n_threads
+        with contextlib.ExitStack() as stack:
+            pool = None
+            if n_threads > 1:
+                pool = stack.enter_context(ThreadPoolExecutor(n_threads, "kcenter"))
+            state = _LazyGreedy(X, n_centers, pool=pool, **options)
+            return state.run(start_index, verbose=verbose, return_radius=return_radius)
 
 
 def greedy_kcenter(X, n_centers, *, start_index=0, return_radius=True, verbose=False):
@@ -522,11 +578,6 @@ def greedy_kcenter(X, n_centers, *, start_index=0, return_radius=True, verbose=F
     if X.device.type != "cpu":
         indices, radius = _greedy_dense(X, n_centers, start_index, verbose=verbose)
     else:
-        previous = torch.get_float32_matmul_precision()
-        try:
-            torch.set_float32_matmul_precision("highest")
-            indices, radius = _greedy_batched(X, n_centers, start_index, verbose=verbose,
-                                              return_radius=return_radius)
-        finally:
-            torch.set_float32_matmul_precision(previous)
+        indices, radius = _greedy_batched(X, n_centers, start_index, verbose=verbose,
+                                          return_radius=return_radius)
     return (indices, radius) if return_radius else indices

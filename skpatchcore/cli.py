@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 def _collect_images(inputs):
     """Files and folders on the command line -> sorted list of image paths."""
-    from ._images import IMAGE_EXTENSIONS, list_image_files
+    from ._images import IMAGE_EXTENSIONS, list_images
 
     paths = []
     for item in inputs:
@@ -29,7 +29,7 @@ def _collect_images(inputs):
             has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir())
             if train_good.is_dir() and not has_images:
                 p = train_good  # an MVTec-layout root: its good training images
-            paths.extend(list_image_files(p))
+            paths.extend(list_images(p))
         elif p.is_file():
             paths.append(p)
         else:

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from sklearn.utils import Bunch, check_random_state
 
+from ._images import IMAGE_EXTENSIONS, check_images, list_images
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "image_shapes",
@@ -31,8 +33,6 @@ __all__ = [
     "make_defect_images",
 ]
 
-#: File extensions (lower case) recognised as images by :func:`list_images`.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Grey levels of the clean texture are clipped to this range; defects only use values outside
 # it, so every defect pixel differs from the clean texture in at least one channel.
@@ -277,52 +277,6 @@ def make_defect_images(
 # --------------------------------------------------------------------------------------------
 
 
-def list_images(folder):
-    """List the image files directly inside a folder, sorted by name.
-
-    Parameters
-    ----------
-    folder : str or path-like
-        The folder to list. Sub-folders are not searched.
-
-    Returns
-    -------
-    paths : list of pathlib.Path
-        Files whose extension is one of ``.png .jpg .jpeg .bmp .tif .tiff`` (any case), sorted
-        by file name.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``folder`` does not exist or is not a directory.
-    ValueError
-        If ``folder`` holds no image file.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> from PIL import Image
-    >>> from skpatchcore.datasets import list_images
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> Image.new("L", (4, 4)).save(d / "b.PNG"); Image.new("L", (4, 4)).save(d / "a.png")
-    >>> [p.name for p in list_images(d)]
-    ['a.png', 'b.PNG']
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist.")
-    paths = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
-    if not paths:
-        raise ValueError(
-            f"Image folder {str(folder)!r} contains no image file (extensions "
-            f"{', '.join(IMAGE_EXTENSIONS)}); check the path."
-        )
-    return paths
-
-
 def _find_mask(gt_dir, stem):
     for name in (f"{stem}_mask.png", f"{stem}.png"):
         candidate = gt_dir / name
@@ -482,12 +436,7 @@ def image_shapes(paths):
     >>> image_shapes([p])
     [(3, 5)]
     """
-    shapes = []
-    for path in paths:
-        with Image.open(path) as image:
-            width, height = image.size
-        shapes.append((height, width))
-    return shapes
+    return check_images(list(paths)).sizes()
 
 
 def _check_shape(shape, name="shape"):

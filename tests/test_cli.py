@@ -66,7 +66,7 @@ def test_bad_paths_exit_2_with_one_line(argv, fragment, capsys):
 def test_empty_folder_and_unreadable_image(tmp_path, model, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "m.npz")]) == 2
-    assert "contains no images" in capsys.readouterr().err
+    assert "contains no image file" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"not a png")

@@ -98,7 +98,7 @@ def test_corrupt_and_empty_files_named(tmp_path):
     with pytest.raises(ValueError, match="truncated.png"):
         _all(check_images([good, truncated]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="contains no images"):
+    with pytest.raises(ValueError, match="contains no image file"):
         check_images(tmp_path / "empty")
 
 
