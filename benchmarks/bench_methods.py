@@ -6,8 +6,8 @@
 Patch features are extracted once with :class:`skpatchcore.FeatureExtractor` (letterbox, so
 every image of any aspect ratio gives the same grid and PaDiM applies) and written to .npy
 files; each method then runs in its own subprocess, so that the peak resident memory
-(``ru_maxrss``) is that method's own. A method fits on ``train/good`` and scores every image
-under ``test``; the metrics are image AUROC, pixel AUROC and AUPRO@0.3 of
+(VmHWM, or ``ru_maxrss``) is that method's own. A method fits on ``train/good`` and scores
+every image under ``test``; the metrics are image AUROC, pixel AUROC and AUPRO@0.3 of
 :mod:`skpatchcore.metrics`, with maps taken back to each image's own pixels as
 :mod:`skpatchcore.evaluate` does. Times exclude feature extraction, which is reported once.
 
@@ -68,6 +68,18 @@ def _parse(argv):
 
 
 def _peak_rss_mb():
+    """Peak resident memory of this process, in MiB.
+
+    Linux's VmHWM belongs to the process image, whereas ``ru_maxrss`` of a child started by
+    fork/exec also counts the parent's peak at the time of the exec; ru_maxrss is only the
+    fallback where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -41,14 +41,15 @@ def _collect_images(inputs):
 
 def _cmd_fit(args):
     from .persistence import save_model
-    from .pipeline import make_patchcore
+    from .pipeline import make_anomaly_pipeline
 
     train = _collect_images(args.train_dir)
-    pipe = make_patchcore(
+    params = {"sampling_ratio": args.coreset_ratio} if args.method != "padim" else {}
+    pipe = make_anomaly_pipeline(
+        args.method, **params,
         backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-        patch_size=args.patch_size, sampling_ratio=args.coreset_ratio,
-        contamination=_contamination(args.contamination), random_state=args.random_state,
-        device=args.device, verbose=not args.quiet,
+        patch_size=args.patch_size, contamination=_contamination(args.contamination),
+        random_state=args.random_state, device=args.device, verbose=not args.quiet,
     )
     start = time.perf_counter()
     pipe.fit(train)
@@ -58,9 +59,8 @@ def _cmd_fit(args):
         pipe.calibrate(normal, fpr=args.fpr)
         _say(args, f"threshold calibrated on {len(normal)} normal images for FPR {args.fpr}")
     path = save_model(pipe, args.output)
-    bank = pipe[-1].memory_bank_.shape
-    _say(args, f"fitted on {len(train)} images in {seconds:.1f} s "
-               f"(memory bank {bank[0]} x {bank[1]}); model written to {path}")
+    _say(args, f"fitted {args.method} on {len(train)} images in {seconds:.1f} s; "
+               f"model written to {path}")
     return 0
 
 
@@ -142,6 +142,7 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a model on a folder of good images")
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
+    fit.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
     fit.add_argument("--backbone", default="efficientnet_lite0")
     fit.add_argument("--image-size", type=int, default=320)
     fit.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -13,6 +12,7 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._base import ThresholdMixin, contamination_offset
 from ._utils import resolve_device
 from .coreset import MemoryBank, normal_mask, validate_features
 from .neighbors import make_index
@@ -23,7 +23,7 @@ __all__ = ["PatchCoreDetector"]
 _TABULAR_NEIGHBORS = 20
 
 
-class PatchCoreDetector(OutlierMixin, BaseEstimator):
+class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """Nearest-neighbour anomaly scores against a memory bank of normal patch features.
 
     Each test patch's score is its true Euclidean distance to the nearest memory-bank row
@@ -164,20 +164,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         train_scores = -self._anomaly_scores(
             source, query_groups=np.arange(n_train), bank_groups=bank_groups
         )[0]
-        # A training sample whose every bank row is its own (possible with tiny coresets) has
-        # no leave-one-out score; it is left out of the calibration.
-        train_scores = train_scores[np.isfinite(train_scores)]
-        if train_scores.size == 0:
-            raise ValueError(
-                "No training sample has a neighbour outside itself in the memory bank; use a "
-                "larger coreset (sampling_ratio or n_samples)."
-            )
-        if self.contamination == "auto":
-            # Tukey's fence on the anomaly scores (-train_scores): Q3 + 1.5 IQR.
-            q1, q3 = np.percentile(train_scores, [25.0, 75.0])
-            self.offset_ = float(q1 - 1.5 * (q3 - q1))
-        else:
-            self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        self.offset_ = contamination_offset(train_scores, self.contamination,
+                                            "PatchCoreDetector")
         return self
 
     # ----------------------------------------------------------------- scoring
@@ -200,35 +188,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             return -self._anomaly_scores(X, **self._self_match_groups(X))[0]
         return -self._anomaly_scores(X)[0]
 
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for outliers, positive for inliers.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d) or array-like (n_samples, d)
-
-        Returns
-        -------
-        decision : ndarray of shape (n,), float64
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for inliers, -1 for outliers (``decision_function(X) < 0``).
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d) or array-like (n_samples, d)
-
-        Returns
-        -------
-        labels : ndarray of shape (n,), int
-        """
-        decision = self.decision_function(X)
-        labels = np.ones(decision.shape[0], dtype=int)
-        labels[decision < 0] = -1
-        return labels
-
     def score_and_map(self, X):
         """``score_samples(X)`` and ``predict_map(X)`` from one nearest-neighbour search.
 
@@ -250,39 +209,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                              f"shape {X.shape}.")
         scores, grids = self._anomaly_scores(X)
         return -scores, grids.astype(np.float32)
-
-    def calibrate(self, X, fpr=0.01):
-        """Set the operating threshold from held-out normal samples only.
-
-        ``offset_`` becomes the ``fpr`` quantile of ``score_samples(X)``, so about a fraction
-        ``fpr`` of normal samples like X are predicted -1. No labelled defects are needed.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d) or (n_samples, d)
-            Features of normal samples that were not used in fit.
-        fpr : float in (0, 1), default=0.01
-            Target false-positive rate on normal data.
-
-        Returns
-        -------
-        self : PatchCoreDetector
-        """
-        check_is_fitted(self)
-        if not 0.0 < fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}.")
-        scores = self.score_samples(X)
-        if len(scores) * fpr < 1:
-            warnings.warn(
-                f"Calibrating fpr={fpr} on {len(scores)} samples: fewer than one false positive "
-                f"is expected, so the threshold is the lowest normal score; use at least "
-                f"{int(np.ceil(1 / fpr))} normal samples for a meaningful estimate.",
-                stacklevel=2,
-            )
-        self.offset_ = float(np.quantile(scores, fpr))
-        self.calibration_fpr_ = float(fpr)
-        self.calibration_n_samples_ = int(len(scores))
-        return self
 
     def predict_map(self, X, output_size=None, sigma=4.0):
         """Patch anomaly maps: higher = more anomalous, same units as ``-score_samples``.

@@ -20,7 +20,7 @@ import numpy as np
 
 from .datasets import image_shapes, load_masks, load_mvtec
 from .metrics import aupro, image_auroc, pixel_auroc
-from .pipeline import make_patchcore
+from .pipeline import make_anomaly_pipeline
 
 __all__ = ["evaluate", "main"]
 
@@ -30,14 +30,16 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
-             return_model=False, **params):
+def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_maps=None,
+             sigma=4.0, return_model=False, **params):
     """Fit on ROOT/train/good, score ROOT/test, and compute the field's metrics.
 
     Parameters
     ----------
     root : str or Path
         MVTec-layout folder (see :func:`skpatchcore.datasets.load_mvtec`).
+    method : {'patchcore', 'spade', 'padim'}, default='patchcore'
+        See :func:`skpatchcore.make_anomaly_pipeline`.
     category : str, optional
         Sub-folder of ``root`` holding the layout.
     fpr_limit : float, default=0.3
@@ -60,7 +62,7 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
         Only with ``return_model=True``.
     """
     data = load_mvtec(root, category, allow_missing_masks=True)
-    pipe = make_patchcore(**params)
+    pipe = make_anomaly_pipeline(method, **params)
     start = time.perf_counter()
     pipe.fit(data.train)
     fit_seconds = time.perf_counter() - start
@@ -79,6 +81,7 @@ def evaluate(root, *, category=None, fpr_limit=0.3, save_maps=None, sigma=4.0,
     is_anomalous = np.asarray(data.y_test) == -1
     results = {
         "root": str(root),
+        "method": method,
         "n_train": len(data.train),
         "n_test": len(data.test),
         "n_anomalous": int(is_anomalous.sum()),
@@ -113,6 +116,7 @@ def _parse(argv):
     )
     parser.add_argument("root", help="MVTec-layout dataset folder")
     parser.add_argument("--category", help="sub-folder of ROOT holding train/ test/")
+    parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
@@ -129,11 +133,12 @@ def _parse(argv):
 def main(argv=None):
     args = _parse(argv)
     try:
+        params = {"sampling_ratio": args.sampling_ratio} if args.method != "padim" else {}
         results = evaluate(
-            args.root, category=args.category, save_maps=args.save_maps,
+            args.root, method=args.method, category=args.category, save_maps=args.save_maps,
             backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-            patch_size=args.patch_size, sampling_ratio=args.sampling_ratio,
-            random_state=args.random_state, device=args.device, verbose=not args.quiet,
+            patch_size=args.patch_size, random_state=args.random_state, device=args.device,
+            verbose=not args.quiet, **params,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

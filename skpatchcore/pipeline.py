@@ -14,7 +14,7 @@ from .coreset import CoresetSampler
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor, _as_hw, frame_geometry
 
-__all__ = ["PatchCorePipeline", "make_patchcore"]
+__all__ = ["PatchCorePipeline", "make_anomaly_pipeline", "make_patchcore"]
 
 
 def _final_has(name):
@@ -163,11 +163,37 @@ def make_patchcore(**params):
     >>> pipe.get_params()["coreset__sampling_ratio"]
     0.01
     """
-    steps = [
-        ("features", FeatureExtractor()),
-        ("coreset", CoresetSampler()),
-        ("detector", PatchCoreDetector()),
-    ]
+    return make_anomaly_pipeline("patchcore", **params)
+
+
+def make_anomaly_pipeline(method="patchcore", **params):
+    """A PatchCorePipeline for one of the memory-bank family on the same features.
+
+    Parameters
+    ----------
+    method : {'patchcore', 'spade', 'padim'}, default='patchcore'
+        'patchcore': features -> coreset -> PatchCoreDetector; 'spade': features -> coreset
+        (``sampling_ratio=1.0`` keeps the full bank, as in the paper) -> SPADEDetector;
+        'padim': features -> PaDiMDetector (a Gaussian per position needs every image's
+        grid, so there is no coreset step).
+    **params
+        Parameters of the steps by plain name, as in :func:`make_patchcore`.
+
+    Returns
+    -------
+    pipeline : PatchCorePipeline
+    """
+    from .padim import PaDiMDetector
+    from .spade import SPADEDetector
+
+    detectors = {"patchcore": PatchCoreDetector, "spade": SPADEDetector,
+                 "padim": PaDiMDetector}
+    if method not in detectors:
+        raise ValueError(f"method={method!r} is not one of {sorted(detectors)}.")
+    steps = [("features", FeatureExtractor())]
+    if method != "padim":
+        steps.append(("coreset", CoresetSampler()))
+    steps.append(("detector", detectors[method]()))
     unused = set(params)
     for _, step in steps:
         own = {k: v for k, v in params.items() if k in step.get_params(deep=False)}
@@ -175,7 +201,7 @@ def make_patchcore(**params):
         unused -= set(own)
     if unused:
         raise TypeError(
-            f"make_patchcore() got unknown parameters {sorted(unused)}; valid names are the "
-            "parameters of FeatureExtractor, CoresetSampler and PatchCoreDetector."
+            f"Unknown parameters {sorted(unused)} for method {method!r}; valid names are the "
+            f"parameters of the steps {[type(s).__name__ for _, s in steps]}."
         )
     return PatchCorePipeline(steps)

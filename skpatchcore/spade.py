@@ -9,6 +9,7 @@ from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._base import ThresholdMixin, contamination_offset
 from ._utils import resolve_device
 from .coreset import MemoryBank, check_features, normal_mask, validate_features
 from .detector import upsample_maps
@@ -36,27 +37,7 @@ def _pool(X):
     )
 
 
-def _contamination_offset(train_scores, contamination, name):
-    """``offset_`` from leave-one-out training ``score_samples`` values (higher = normal).
-
-    'auto' is Tukey's fence on the anomaly scores (Q3 + 1.5 IQR), as PatchCoreDetector; a
-    float is that quantile. Non-finite scores (a sample with no eligible neighbour) are left
-    out of the calibration.
-    """
-    train_scores = np.asarray(train_scores, dtype=np.float64)
-    train_scores = train_scores[np.isfinite(train_scores)]
-    if train_scores.size == 0:
-        raise ValueError(
-            f"{name} could not score any training sample leave-one-out (every sample's "
-            "neighbours are its own rows); use a larger coreset (sampling_ratio or n_samples)."
-        )
-    if contamination == "auto":
-        q1, q3 = np.percentile(train_scores, [25.0, 75.0])
-        return float(q1 - 1.5 * (q3 - q1))
-    return float(np.percentile(train_scores, 100.0 * contamination))
-
-
-class SPADEDetector(OutlierMixin, BaseEstimator):
+class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     """SPADE: nearest-neighbour anomaly scores on pooled images and on patches.
 
     Semantic Pyramid Anomaly Detection (Cohen & Hoshen, 2020) on the same patch features
@@ -242,7 +223,7 @@ class SPADEDetector(OutlierMixin, BaseEstimator):
         self._get_image_index(), self._get_patch_index()  # built once, here (cheap)
         train_groups = np.arange(n_train)
         train_scores = -self._image_anomaly(source, train_groups)
-        self.offset_ = _contamination_offset(train_scores, self.contamination, "SPADEDetector")
+        self.offset_ = contamination_offset(train_scores, self.contamination, "SPADEDetector")
         return self
 
     # ----------------------------------------------------------------- scoring
@@ -264,35 +245,6 @@ class SPADEDetector(OutlierMixin, BaseEstimator):
         X = validate_features(self, X, reset=False)
         groups = self._self_match(X) if X.ndim == 2 else None
         return -self._image_anomaly(X, groups)
-
-    def decision_function(self, X):
-        """``score_samples(X) - offset_``: negative for outliers, positive for inliers.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d) or array-like (n_samples, d)
-
-        Returns
-        -------
-        decision : ndarray of shape (n,), float64
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X):
-        """+1 for inliers, -1 for outliers (``decision_function(X) < 0``).
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d) or array-like (n_samples, d)
-
-        Returns
-        -------
-        labels : ndarray of shape (n,), int
-        """
-        decision = self.decision_function(X)
-        labels = np.ones(decision.shape[0], dtype=int)
-        labels[decision < 0] = -1
-        return labels
 
     def predict_map(self, X, output_size=None, sigma=4.0):
         """Patch anomaly maps: mean distance to the ``n_neighbors`` nearest bank rows.
@@ -320,6 +272,33 @@ class SPADEDetector(OutlierMixin, BaseEstimator):
         if output_size is None:
             return grids
         return upsample_maps(grids, output_size, sigma)
+
+    def score_and_map(self, X):
+        """``score_samples(X)`` and ``predict_map(X)`` together.
+
+        With ``image_score='max'`` both come from one search of the patch bank.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_images, h, w, d)
+            Test feature grids.
+
+        Returns
+        -------
+        scores : ndarray of shape (n,), float64
+            As :meth:`score_samples` (lower = more abnormal).
+        maps : ndarray of shape (n, h, w), float32
+            As :meth:`predict_map` with ``output_size=None`` (higher = more anomalous).
+        """
+        check_is_fitted(self)
+        X = check_features(X, "X", allow_2d=False)
+        validate_features(self, X, reset=False)
+        patch = self._patch_scores(X)
+        if self.image_score == "max":
+            scores = -patch.max(axis=1)
+        else:
+            scores = -self._image_anomaly(X)
+        return scores, patch.reshape(X.shape[:-1]).astype(np.float32)
 
     # --------------------------------------------------------------- internals
     def _get_image_index(self):

@@ -77,3 +77,16 @@ def test_empty_folder_and_unreadable_image(tmp_path, model, capsys):
     junk.write_bytes(b"junk")
     assert main(["predict", str(junk), str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "not a complete skpatchcore model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["spade", "padim"])
+def test_fit_predict_other_methods(folders, tmp_path, method):
+    path = tmp_path / f"{method}.npz"
+    assert main(["fit", str(folders / "good"), "-o", str(path), "--image-size", "64",
+                 "--method", method, "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", str(path), str(folders / "new"), "--out", str(out),
+                 "--no-images", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    scores = np.array([float(r["score"]) for r in rows])
+    assert scores[4:].max() < scores[:4].min()  # defective parts score lower

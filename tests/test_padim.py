@@ -10,7 +10,13 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skpatchcore import CoresetSampler, FeatureExtractor, PatchCorePipeline
+from skpatchcore import (
+    CoresetSampler,
+    FeatureExtractor,
+    PatchCorePipeline,
+    load_model,
+    save_model,
+)
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.padim import PaDiMDetector
 
@@ -180,15 +186,32 @@ def test_tabular_rows_contamination():
         det.predict_map(X)
 
 
-def test_pickle_round_trip():
+def test_pickle_and_safe_format_round_trip(tmp_path):
     rng = np.random.RandomState(8)
     train = rng.normal(size=(8, 3, 3, 4)).astype(np.float32)
     test = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
     for X, T in [(train, test), (train[:, 0, 0], test[:, 0, 0])]:
         det = PaDiMDetector().fit(X)
-        again = pickle.loads(pickle.dumps(det))
-        np.testing.assert_array_equal(again.score_samples(T), det.score_samples(T))
-        np.testing.assert_array_equal(again.score_samples(X), det.score_samples(X))
+        pickled = pickle.loads(pickle.dumps(det))
+        safe = load_model(save_model(det, tmp_path / f"padim{X.ndim}"))
+        for again in (pickled, safe):
+            np.testing.assert_array_equal(again.score_samples(T), det.score_samples(T))
+            # training rows are still recognised and scored leave-one-out
+            np.testing.assert_array_equal(again.score_samples(X), det.score_samples(X))
+            assert again.offset_ == det.offset_ and again.grid_shape_ == det.grid_shape_
+
+
+def test_score_and_map_is_both_methods_at_once():
+    rng = np.random.RandomState(9)
+    train = rng.normal(size=(8, 3, 2, 4)).astype(np.float32)
+    test = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    det = PaDiMDetector().fit(train)
+    scores, maps = det.score_and_map(test)
+    np.testing.assert_array_equal(scores, det.score_samples(test))
+    np.testing.assert_array_equal(maps, det.predict_map(test))
+    assert scores.dtype == np.float64 and maps.dtype == np.float32
+    with pytest.raises(ValueError, match=r"\(n_images, h, w, d\)"):
+        det.score_and_map(test[:, 0, 0])
 
 
 @settings(max_examples=20, deadline=None)

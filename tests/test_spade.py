@@ -11,7 +11,14 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skpatchcore import CoresetSampler, FeatureExtractor, PatchCoreDetector, PatchCorePipeline
+from skpatchcore import (
+    CoresetSampler,
+    FeatureExtractor,
+    PatchCoreDetector,
+    PatchCorePipeline,
+    load_model,
+    save_model,
+)
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.spade import SPADEDetector
 
@@ -167,15 +174,34 @@ def test_tabular_rows_are_scored_leave_one_out():
     np.testing.assert_allclose(-det.score_samples(X), loo, rtol=1e-5)
 
 
-def test_pickle_round_trip():
+def test_pickle_and_safe_format_round_trip(tmp_path):
     rng = np.random.RandomState(0)
     train = rng.rand(6, 3, 3, 4).astype(np.float32)
     test = rng.rand(2, 3, 3, 4).astype(np.float32)
     det = SPADEDetector(n_neighbors=2).fit(train)
-    again = pickle.loads(pickle.dumps(det))
-    assert "_patch_index" not in again.__dict__
-    np.testing.assert_array_equal(again.score_samples(test), det.score_samples(test))
-    np.testing.assert_array_equal(again.predict_map(test), det.predict_map(test))
+    pickled = pickle.loads(pickle.dumps(det))
+    assert "_patch_index" not in pickled.__dict__
+    safe = load_model(save_model(det, tmp_path / "spade"))
+    for again in (pickled, safe):
+        np.testing.assert_array_equal(again.score_samples(test), det.score_samples(test))
+        np.testing.assert_array_equal(again.predict_map(test), det.predict_map(test))
+        assert again.offset_ == det.offset_
+    rows = rng.rand(20, 3)
+    det = SPADEDetector(n_image_neighbors=3).fit(rows)
+    safe = load_model(save_model(det, tmp_path / "spade_rows"))
+    np.testing.assert_array_equal(safe.score_samples(rows), det.score_samples(rows))
+
+
+@pytest.mark.parametrize("image_score", ["pooled", "max"])
+def test_score_and_map_is_both_methods_at_once(image_score):
+    rng = np.random.RandomState(5)
+    train = rng.rand(6, 3, 2, 4).astype(np.float32)
+    test = rng.rand(3, 3, 2, 4).astype(np.float32)
+    det = SPADEDetector(image_score=image_score, n_neighbors=2).fit(train)
+    scores, maps = det.score_and_map(test)
+    np.testing.assert_array_equal(scores, det.score_samples(test))
+    np.testing.assert_array_equal(maps, det.predict_map(test))
+    assert scores.dtype == np.float64 and maps.dtype == np.float32
 
 
 @settings(max_examples=25, deadline=None)
