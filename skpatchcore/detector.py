@@ -55,6 +55,8 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         Nearest-neighbour search; 'exact' is chunked brute force on all cores or the GPU.
     device : str, default="auto"
         Where the bank lives during search; "auto" uses CUDA when available.
+    verbose : bool, default=False
+        Show a progress bar while searching.
 
     Attributes
     ----------
@@ -108,6 +110,7 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
         "knn_backend": [StrOptions({"auto", "exact"})],
         "device": [str],
+        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -118,12 +121,14 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         contamination="auto",
         knn_backend="auto",
         device="auto",
+        verbose=False,
     ):
         self.n_neighbors = n_neighbors
         self.n_reweight_neighbors = n_reweight_neighbors
         self.contamination = contamination
         self.knn_backend = knn_backend
         self.device = device
+        self.verbose = verbose
 
     # ----------------------------------------------------------------- fitting
     @_fit_context(prefer_skip_nested_validation=True)
@@ -278,7 +283,8 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         k = self.n_neighbors
         if k == "auto":
             k = _TABULAR_NEIGHBORS if X.ndim == 2 else 1
-        dist, nn = index.query(rows, k=k, query_groups=q_groups, bank_groups=bank_groups)
+        dist, nn = index.query(rows, k=k, query_groups=q_groups, bank_groups=bank_groups,
+                               verbose=self.verbose)
         if k > 1:  # fewer eligible rows than k (tiny banks): average over those that exist
             dist = np.nanmean(np.where(np.isinf(dist), np.nan, dist), axis=1, keepdims=True)
         dist = dist[:, 0].reshape(n, per_sample)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._utils import progress
+
 __all__ = ["ExactIndex", "make_index"]
 
 # Elements of one (queries x bank) distance block; 2**25 float32 = 128 MiB.
@@ -45,7 +47,7 @@ class ExactIndex:
     def __len__(self):
         return self.bank.shape[0]
 
-    def query(self, Q, k=1, *, query_groups=None, bank_groups=None):
+    def query(self, Q, k=1, *, query_groups=None, bank_groups=None, verbose=False):
         """k nearest bank rows of each query row.
 
         Parameters
@@ -56,6 +58,8 @@ class ExactIndex:
         query_groups, bank_groups : array-like of int, optional
             When both are given, bank rows whose group equals the query's group are excluded
             (leave-one-out: an image's own patches are never its neighbours).
+        verbose : bool, default=False
+            Show a progress bar over the queries.
 
         Returns
         -------
@@ -75,6 +79,7 @@ class ExactIndex:
         dist = np.empty((n, k), dtype=np.float64)
         idx = np.empty((n, k), dtype=np.int64)
         rows = max(1, _BLOCK_ELEMENTS // max(m, 1))
+        bar = progress(total=n, desc="search", unit="patch", disable=not verbose)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             q = Q[start:stop]
@@ -95,6 +100,8 @@ class ExactIndex:
             best_i = torch.where(torch.isinf(best_d), -1, best_i)
             dist[start:stop] = best_d.cpu().numpy()
             idx[start:stop] = best_i.cpu().numpy()
+            bar.update(stop - start)
+        bar.close()
         return dist, idx
 
 
