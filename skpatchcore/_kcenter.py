@@ -5,8 +5,10 @@ Two public functions:
 - :func:`greedy_kcenter_reference` is the plain greedy of the public PatchCore
   implementations (one distance update over all points per selected center). It is the
   semantic definition and the benchmark baseline.
-- :func:`greedy_kcenter` selects exactly the same points, much faster on CPU, by lazy
-  evaluation over blocks of points with rigorous floating-point pruning bounds.
+- :func:`greedy_kcenter` selects exactly the same points, much faster on CPU: it keeps only
+  a small candidate set exactly up to date and applies the selected centers to the other
+  points lazily, in batches, as matrix products screened by rigorous floating-point bounds
+  (see its Notes).
 
 The selection rule, shared by both
 ----------------------------------
@@ -32,6 +34,7 @@ import torch
 from ._utils import progress
 
 __all__ = ["greedy_kcenter", "greedy_kcenter_reference"]
+
 
 def _sq_dists(A, b, out=None, work=None):
     """Squared distances ``fl(sum((A - b) ** 2, axis=-1))``: the one arithmetic used.
@@ -185,6 +188,50 @@ def _kth_largest(values, k):
     return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
+def _spatial_rank(X, leaf_size=2048, n_components=32, n_probe=256, n_power=3):
+    """Rank of each point in a locality-preserving order (a balanced principal-axis tree).
+
+    The points are projected on their top principal components (from a subsample), then
+    recursively split at the median of the projection on each node's principal direction
+    (power iteration on a strided subsample of the node), down to ``leaf_size`` points.
+    Sorting rows by this rank makes batches of rows spatially compact. Only the speed of
+    :func:`greedy_kcenter` depends on it, never its result.
+    """
+    n_samples, n_features = X.shape
+    n_levels = max(0, math.ceil(math.log2(n_samples / leaf_size)))
+    if n_levels == 0:
+        return torch.arange(n_samples)
+    sample = X[:: max(1, n_samples // 20_000)].double()
+    sample -= sample.mean(0)
+    components = torch.linalg.eigh(sample.T @ sample).eigenvectors[:, -n_components:]
+    Y = X @ components.to(X.dtype)
+    n_nodes_last = 1 << n_levels
+    n_pad = n_nodes_last * -(-n_samples // n_nodes_last)  # n_pad - n_samples < n_samples
+    key = torch.arange(n_pad)  # key >= n_samples: a padding duplicate of key - n_samples
+    if n_pad > n_samples:
+        Y = Y.index_select(0, key % n_samples)
+    gen = torch.Generator().manual_seed(0)
+    dim = Y.shape[1]
+    for level in range(n_levels):
+        n_nodes = 1 << level
+        m = n_pad // n_nodes
+        Yv = Y.view(n_nodes, m, dim)
+        probe = Yv[:, :: max(1, m // n_probe)]
+        probe = probe - probe.mean(1, keepdim=True)
+        v = torch.randn(n_nodes, dim, 1, generator=gen, dtype=Y.dtype)
+        for _ in range(n_power):
+            v = torch.bmm(probe.transpose(1, 2), torch.bmm(probe, v))
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        order = torch.bmm(Yv, v).squeeze(2).argsort(1)
+        key = torch.take_along_dim(key.view(n_nodes, m), order, 1).reshape(-1)
+        if level + 1 < n_levels:
+            Y = Y.index_select(0, (order + torch.arange(0, n_pad, m).unsqueeze(1)).reshape(-1))
+    perm = key[key < n_samples]
+    rank = torch.empty(n_samples, dtype=torch.long)
+    rank[perm] = torch.arange(n_samples)
+    return rank
+
+
 class _LazyGreedy:
     """Exact greedy k-center on CPU: candidate phases and lazily batched updates.
 
@@ -198,44 +245,41 @@ class _LazyGreedy:
         Size of the candidate set of each phase.
     chunk_elements : int
         Size of the (rows x centers) blocks of the batched updates.
+    column_chunk : int
+        Centers taken at a time in a batched update, between pruning and dropping checks.
     pool : concurrent.futures.Executor or None
         Runs the blocks of a batched update in parallel; None runs them in order.
     stats : dict or None
-        Receives counters: settles, pairs (screened by the Gram form), exact (pairs given
-        the reference arithmetic), dense windows and gathered rows.
+        Receives counters: settles, refreshed rows, pairs (screened by the Gram form),
+        exact (pairs given the reference arithmetic), dropped early (rows left stale once
+        below the cut), pruned (pairs skipped by the triangle inequality).
     """
 
-    def __init__(self, X, n_centers, *, n_candidates=2048, chunk_elements=1 << 20, pool=None,
-                 stats=None):
+    def __init__(self, X, n_centers, *, n_candidates=2048, chunk_elements=1 << 20,
+                 column_chunk=256, pool=None, stats=None):
         n_samples, n_features = X.shape
         self.X, self.n_centers, self.n_samples = X, n_centers, n_samples
         self.n_candidates = min(n_candidates, n_samples)
-        self.chunk_elements, self.pool = chunk_elements, pool
+        self.chunk_elements, self.column_chunk, self.pool = chunk_elements, column_chunk, pool
         self.stats = {} if stats is None else stats
         dtype = X.dtype
         u = torch.finfo(dtype).eps / 2  # unit roundoff
-        # A computed squared distance has relative error below gamma / 2 (subtract, square,
+        # A computed squared distance has relative error below (d + 8) u (subtract, square,
         # a d-term sum of non-negative terms in any order); the Gram form |x|^2 + |q|^2 -
         # 2 x.q has absolute error below kappa (|x| + |q|)^2 / 2 (norms, dot product in any
-        # order or blocking, with or without FMA, and the sum); centring moves a distance by
-        # at most 2 u (|x| + |q|). Each is used with a factor 2 of slack, and the threshold
-        # arithmetic is inflated by 8 u more.
+        # order or blocking, with or without FMA, and the sum); centring (x - c rounded)
+        # moves a distance by at most 2 u (|x - c| + |q - c|). Each bound is used with a
+        # factor 2 of slack (inflate, kappa), and thresholds are inflated by 8 u more.
         self.u = u
         self.kappa = 2.0 * (n_features + 6) * u
         self.inflate = 1.0 + 4.0 * (n_features + 8) * u
-        self.Xc = X - X.mean(0)  # centred copy: small norms keep the Gram-form error small
-        self.sq_norm = torch.linalg.vecdot(self.Xc, self.Xc)
-        self.norm_up = self.sq_norm.sqrt().mul_(self.inflate)  # upper bounds of |x - mean|
+        self.rank = _spatial_rank(X)
         # min_sq[i] is the minimum squared distance of point i to centers 0..applied[i]-1:
         # an upper bound of its current value, exact when applied[i] == t; -1 once selected.
         self.min_sq = torch.full((n_samples,), math.inf, dtype=dtype)
         self.applied = torch.zeros(n_samples, dtype=torch.long)
         self.centers = torch.empty(n_centers, n_features, dtype=dtype)  # rows of X
-        self.centers_c = torch.empty(n_centers, n_features, dtype=dtype)  # centred rows
-        self.centers_sq = torch.empty(n_centers, dtype=dtype)
-        self.centers_norm = torch.empty(n_centers, dtype=dtype)
         self.selected = torch.empty(n_centers, dtype=torch.long)
-        self.member = torch.zeros(n_samples, dtype=torch.bool)
         self.local = threading.local()
         self.t = 0
 
@@ -251,99 +295,131 @@ class _LazyGreedy:
             buf = buffers[name] = torch.empty(numel, dtype=dtype or self.X.dtype)
         return buf[:numel].view(shape)
 
-    def select(self, i):
-        t = self.t
-        self.selected[t] = i
-        self.min_sq[i] = -1.0
-        self.applied[i] = self.n_centers  # never stale: a selected point stays at -1
-        self.centers[t] = self.X[i]
-        self.centers_c[t] = self.Xc[i]
-        self.centers_sq[t] = self.sq_norm[i]
-        self.centers_norm[t] = self.norm_up[i]
-        self.t = t + 1
+    def record(self, first, indices):
+        """Store the centers selected as numbers first, first + 1, ... (indices)."""
+        end = first + len(indices)
+        idx = torch.tensor(indices, dtype=torch.long)
+        self.selected[first:end] = idx
+        self.min_sq[idx] = -1.0
+        self.applied[idx] = self.n_centers  # never stale: a selected point stays at -1
+        torch.index_select(self.X, 0, idx, out=self.centers[first:end])
 
-    def update(self, task):
-        """Apply centers first..end-1 to rows lo..hi-1 (those in mask if given) or to rows
-        idx. Returns the number of pairs screened and of pairs computed exactly."""
-        lo, hi, idx, first, end, mask = task
-        k = end - first
-        if idx is None:
-            n_rows = hi - lo
-            points_c, current = self.Xc[lo:hi], self.min_sq[lo:hi]
-            sq, reach = self.sq_norm[lo:hi], self.norm_up[lo:hi]
-        else:
-            n_rows = idx.numel()
-            points_c = self.Xc.index_select(0, idx)
-            current = self.min_sq.index_select(0, idx)
-            sq, reach = self.sq_norm.index_select(0, idx), self.norm_up.index_select(0, idx)
+    def apply(self, rows, points_c, sq, norms, skip, current, ids, q_c, q_sq, q_norm):
+        """Apply the centers numbered ``ids`` to rows (global indices), in place on current.
+
+        ``points_c``, ``sq``, ``norms`` and ``skip`` are the rows' centred coordinates,
+        squared norms, norm bounds and the number of leading centers they have already seen
+        (or None); ``q_c``, ``q_sq`` and ``q_norm`` the same for the centers. The Gram form
+        screens every (row, center) pair; only pairs that can set a row's new minimum are
+        computed with the reference arithmetic. Returns the number of pairs computed
+        exactly.
+        """
+        n_rows, k = rows.numel(), ids.numel()
         approx = self.buffer("approx", (n_rows, k))
-        torch.addmm(self.centers_sq[first:end].unsqueeze(0), points_c,
-                    self.centers_c[first:end].T, alpha=-2.0, out=approx)
+        torch.addmm(q_sq.unsqueeze(0), points_c, q_c.T, alpha=-2.0, out=approx)
         # With A = approx + |x|^2, the Gram form of the centred squared distance, and
         # s = kappa reach^2, e = 2u reach, the pair's computed distance lies in
         # [(sqrt(A - s) - e)^2 / inflate, (sqrt(A + s) + e)^2 * inflate].
         u, inflate = self.u, self.inflate
-        reach = reach + float(self.centers_norm[first:end].max())
+        reach = norms + float(q_norm.max())
         slack = reach.square().mul_(self.kappa)
         shift = reach.mul_(2.0 * u * (1.0 + 4.0 * u))
         row_min = torch.amin(approx, 1)
         best = row_min.add(sq).add_(slack).clamp_(min=0.0).sqrt_()
         best.add_(shift).square_().mul_(inflate)  # upper bound of the row's new minimum
-        # A pair is computed exactly only if its lower bound is below min(current, best),
-        # i.e. if approx < limit; no other pair can lower the point's minimum.
+        # A pair is computed exactly only if its lower bound is at most min(current, best),
+        # i.e. if approx <= limit: no other pair can lower the point's minimum below what
+        # current and the pairs kept give (the row's smallest approx is always kept).
         limit = torch.minimum(current, best).clamp_(min=0.0).mul_(inflate).sqrt_()
         limit.add_(shift).square_().add_(slack).mul_(1.0 + 8.0 * u).sub_(sq)
-        if mask is not None:
-            limit.masked_fill_(~mask, -math.inf)
-        live = (row_min < limit).nonzero().squeeze(1)
+        live = (row_min <= limit).nonzero().squeeze(1)
         if live.numel() == 0:
-            return n_rows * k, 0
-        hits = approx.index_select(0, live) < limit.index_select(0, live).unsqueeze(1)
-        sub_rows, cols = hits.nonzero(as_tuple=True)
-        rows = live.index_select(0, sub_rows)
-        orig = rows + lo if idx is None else idx.index_select(0, rows)
-        # Centers a row has already seen cannot lower its minimum: skip those pairs.
-        new_pair = (cols + first) >= self.applied.index_select(0, orig)
-        if not bool(new_pair.all()):
-            rows, cols, orig = rows[new_pair], cols[new_pair], orig[new_pair]
-        exact = _sq_dists(self.X.index_select(0, orig),
-                          self.centers[first:end].index_select(0, cols))
-        current.scatter_reduce_(0, rows, exact, "amin")
-        if idx is not None:
-            self.min_sq.index_copy_(0, idx, current)
-        return n_rows * k, rows.numel()
+            return 0
+        if 2 * live.numel() > n_rows:  # most rows: no gather
+            pair_rows, cols = (approx <= limit.unsqueeze(1)).nonzero(as_tuple=True)
+        else:
+            hits = approx.index_select(0, live) <= limit.index_select(0, live).unsqueeze(1)
+            sub_rows, cols = hits.nonzero(as_tuple=True)
+            pair_rows = live.index_select(0, sub_rows)
+        centers = ids.index_select(0, cols)
+        if skip is not None:  # centers a row has already seen cannot lower its minimum
+            new_pair = centers >= skip.index_select(0, pair_rows)
+            pair_rows, centers = pair_rows[new_pair], centers[new_pair]
+        exact = _sq_dists(self.X.index_select(0, rows.index_select(0, pair_rows)),
+                          self.centers.index_select(0, centers))
+        current.scatter_reduce_(0, pair_rows, exact, "amin")
+        return pair_rows.numel()
 
-    def plan(self, rows, first, tasks):
-        """Split the update of rows (ascending) by centers first..t-1 into tasks.
+    def update(self, task):
+        """Bring rows (a spatially compact batch) up to date with centers first..end-1.
 
-        Rows go in windows of consecutive indices: a window where at least a quarter of the
-        rows need the update is done in place (its other rows masked out), the scattered
-        rest is gathered.
+        Coordinates are taken relative to the batch centroid, so norms (and the Gram-form
+        error) stay small. The centers go nearest-first, by column chunks; centers that the
+        triangle inequality shows to be too far for every row are skipped, and a row whose
+        value falls below ``cut`` is dropped after a chunk (it cannot be a candidate: it
+        stays stale, with its smaller value). Returns (rows brought up to date, pairs
+        screened, pairs computed exactly, rows dropped, pairs pruned).
         """
-        end = self.t
-        window = max(64, self.chunk_elements // (end - first))
-        self.member[rows] = True
-        scattered = []
-        for w, n_in in enumerate(torch.bincount(rows // window).tolist()):
-            lo, hi = w * window, min(self.n_samples, (w + 1) * window)
-            if 4 * n_in >= hi - lo:
-                mask = None if n_in == hi - lo else self.member[lo:hi].clone()
-                tasks.append((lo, hi, None, first, end, mask))
-                self.count("dense windows")
-            elif n_in:
-                scattered.append(w)
-        self.member[rows] = False
-        if scattered:
-            rest = rows[torch.isin(rows // window, torch.tensor(scattered))]
-            self.count("gathered rows", rest.numel())
-            for lo in range(0, rest.numel(), window):
-                tasks.append((0, 0, rest[lo : lo + window], first, end, None))
+        rows, first, end, cut = task
+        n_rows = rows.numel()
+        inflate = self.inflate
+        points_c = self.X.index_select(0, rows)
+        centroid = points_c.mean(0)
+        points_c -= centroid  # x - c: rounding below u |x - c| per coordinate
+        sq = torch.linalg.vecdot(points_c, points_c)
+        norms = sq.sqrt().mul_(inflate)  # upper bounds of |x - c|
+        q_c = self.centers[first:end] - centroid
+        q_sq = torch.linalg.vecdot(q_c, q_c)
+        q_norm = q_sq.sqrt().mul_(inflate)  # upper bounds of |q - c|
+        current = self.min_sq.index_select(0, rows)
+        seen = self.applied.index_select(0, rows)
+        skip = seen if bool((seen > first).any()) else None
+        ids = torch.arange(first, end)
+        reach = None
+        if end - first > self.column_chunk:
+            # Nearest-first order, and a per-center lower bound of the computed distance to
+            # any row: |x - q| >= |q - c| - |x - c| (triangle inequality).
+            order = torch.argsort(q_sq)
+            ids, q_c, q_sq, q_norm = (a.index_select(0, order) for a in (ids, q_c, q_sq, q_norm))
+            lower = q_sq.sqrt().div_(inflate * inflate).sub_(float(norms.max()))
+            reach = lower.clamp_(min=0.0).square_().div_(inflate)
+        pairs = exact = pruned = 0
+        for lo in range(0, ids.numel(), self.column_chunk):
+            hi = lo + self.column_chunk
+            chunk = (ids[lo:hi], q_c[lo:hi], q_sq[lo:hi], q_norm[lo:hi])
+            if reach is not None:
+                near = reach[lo:hi] < float(current.max())
+                if not bool(near.all()):
+                    if not bool(near.any()):
+                        # This chunk and the rest (nearest-first) cannot lower any row.
+                        pruned += rows.numel() * (ids.numel() - lo)
+                        break
+                    pruned += rows.numel() * int((~near).sum())
+                    chunk = tuple(a[near] for a in chunk)
+            exact += self.apply(rows, points_c, sq, norms, skip, current, *chunk)
+            pairs += rows.numel() * chunk[0].numel()
+            if hi < ids.numel():
+                below = current < cut
+                if bool(below.any()):
+                    self.min_sq.index_copy_(0, rows[below], current[below])
+                    keep = (~below).nonzero().squeeze(1)
+                    rows, points_c, sq, norms, current = (
+                        a.index_select(0, keep) for a in (rows, points_c, sq, norms, current))
+                    if skip is not None:
+                        skip = skip.index_select(0, keep)
+                    if rows.numel() == 0:
+                        break
+        self.min_sq.index_copy_(0, rows, current)
+        return rows, pairs, exact, n_rows - rows.numel(), pruned
 
-    def refresh(self, rows):
-        """Bring stale rows up to date, grouped by the first center they lack.
+    def refresh(self, rows, cut):
+        """Bring stale rows (ascending) up to date, or below ``cut``.
 
-        Rows whose first missing centers are close are merged into one group (at most a
-        quarter more centers than they need; the pairs they have seen are skipped).
+        Rows are grouped by the first center they lack (rows whose first missing centers
+        are close share a group, with at most a quarter more centers than they need; the
+        pairs they have seen are skipped), then split into tasks of about chunk_elements
+        (row, center) pairs per column chunk. A row whose value drops below ``cut`` needs no
+        more centers for now: it cannot be a candidate.
         """
         t = self.t
         behind = self.applied.index_select(0, rows)
@@ -351,20 +427,29 @@ class _LazyGreedy:
         for first in torch.unique(behind).tolist():
             if not starts or first - starts[-1] > max(16, (t - first) // 4):
                 starts.append(first)
-        tasks = []
         if len(starts) == 1:
-            self.plan(rows, starts[0], tasks)
+            groups = [(rows, starts[0])]
         else:
             group = torch.bucketize(behind, torch.tensor(starts), right=True) - 1
-            for g, first in enumerate(starts):
-                self.plan(rows[group == g], first, tasks)
+            groups = [(rows[group == g], first) for g, first in enumerate(starts)]
+        tasks = []
+        for group_rows, first in groups:
+            group_rows = group_rows[torch.argsort(self.rank.index_select(0, group_rows))]
+            window = self.chunk_elements // min(t - first, self.column_chunk)
+            window = min(max(64, window), 8192)  # bounded memory per task
+            for lo in range(0, group_rows.numel(), window):
+                tasks.append((group_rows[lo : lo + window], first, t, cut))
         if self.pool is None or len(tasks) < 2:
             done = [self.update(task) for task in tasks]
         else:
             done = list(self.pool.map(self.update, tasks))
-        self.count("pairs", sum(p for p, _ in done))
-        self.count("exact", sum(e for _, e in done))
-        self.applied.index_fill_(0, rows, t)
+        self.count("refreshed rows", rows.numel())
+        self.count("pairs", sum(d[1] for d in done))
+        self.count("exact", sum(d[2] for d in done))
+        self.count("dropped early", sum(d[3] for d in done))
+        self.count("pruned", sum(d[4] for d in done))
+        if done:
+            self.applied.index_fill_(0, torch.cat([d[0] for d in done]), t)
 
     def settle(self, k):
         """Make the k largest values exact and return them as a candidate set.
@@ -389,7 +474,7 @@ class _LazyGreedy:
             if float(stale_values.max()) < cut:
                 break
             level = cut if grow >= n_stale else max(cut, _kth_largest(stale_values, grow))
-            self.refresh((stale & (min_sq >= level)).nonzero().squeeze(1))
+            self.refresh((stale & (min_sq >= level)).nonzero().squeeze(1), cut)
             grow *= 2
         above = (fresh > cut).nonzero().squeeze(1)
         at = (fresh == cut).nonzero().squeeze(1)
@@ -403,20 +488,21 @@ class _LazyGreedy:
         cand, cut, cut_index = self.settle(self.n_candidates)
         points = self.X.index_select(0, cand)
         values = self.min_sq.index_select(0, cand)
-        upto = self.t  # the candidates' values include centers 0..upto-1
+        first = upto = self.t  # the candidates' values include centers 0..upto-1
+        chosen = []
 
         def write_back():
             self.min_sq.index_copy_(0, cand, values)
             self.applied.index_copy_(0, cand, torch.where(values < 0, self.n_centers, upto))
 
-        steps = 0
         while values.numel():
             j = int(torch.argmax(values))
             top = float(values[j])
             i = int(cand[j])
             if top < cut or (top == cut and i > cut_index):
                 break  # a point outside the candidates may now be the farthest
-            self.select(i)
+            chosen.append(i)
+            self.t += 1
             values[j] = -1.0
             bar.update()
             if self.t == self.n_centers:
@@ -426,17 +512,19 @@ class _LazyGreedy:
                               work=self.buffer("diff", (m, points.shape[1])))
             torch.minimum(values, dists, out=values)
             upto = self.t
-            steps += 1
-            if steps % 16 == 0:
+            if len(chosen) % 16 == 0:
                 # Candidates below the cut cannot be selected in this phase: drop them.
                 keep = (values >= cut).nonzero().squeeze(1)
                 if 2 * keep.numel() <= m:
                     write_back()
                     cand, points, values = cand[keep], points[keep], values[keep]
         write_back()
+        if chosen:
+            self.record(first, chosen)
 
     def run(self, start_index, verbose=False, return_radius=True):
-        self.select(start_index)
+        self.record(0, [start_index])
+        self.t = 1
         with progress(self.n_centers, "k-center", unit="center", disable=not verbose) as bar:
             bar.update()
             while self.t < self.n_centers:
@@ -511,47 +599,59 @@ def greedy_kcenter(X, n_centers, *, start_index=0, return_radius=True, verbose=F
     all remaining distances are 0 (duplicates) the lowest-index unselected points follow. See
     the module docstring.
 
-    **CPU algorithm: lazy greedy over blocks.** The points are split into blocks of ~200
-    spatially close points (a balanced principal-direction tree), stored contiguously. Each
-    block ``b`` keeps an upper bound ``U_b`` of the largest minimum distance of its points
-    and remembers which selected centers have already been applied to it. Each step takes
-    the block with the largest ``U_b``. If centers are pending for it, they are applied
-    (which can only lower its values) and ``U_b`` becomes exact; otherwise ``U_b`` is the
-    exact maximum over all points, since every other block's true maximum is at most its
-    bound, and the block's first maximum is the next center (on equal maxima, stale tied
-    blocks are refreshed first and the lowest index wins, so ties follow the rule). Blocks
-    whose values lie well below the covering radius are never touched again; a refresh
-    applies all pending centers at once as a matrix product. Applying a center to a block:
+    **CPU algorithm.** Each point ``i`` keeps ``m_i``, its minimum distance to the centers
+    applied to it so far, an upper bound of its true value ``v_i`` (values only decrease).
+    The selection runs in phases:
 
-    1. *Triangle inequality.* With block centre ``c`` and radius ``R``, no point of the
-       block gets closer than ``|q - c| - R`` to center ``q``; if that bound is at least
-       ``sqrt(U_b)``, the center changes nothing in the block and is skipped.
-    2. *Gram filter.* For the remaining (point, center) pairs, ``|x|^2 + |q|^2 - 2 x.q`` is
-       computed as one matrix product (on data centred by the mean, so norms stay small), and
-       a pair is skipped when a rigorous lower bound of its distance is at least the point's
-       current minimum.
-    3. *Exact update.* The surviving pairs get the reference arithmetic :func:`_sq_dists`,
-       and the minimum is taken.
+    1. *Settle.* Points are brought up to date, largest ``m_i`` first, in growing batches,
+       until the ``K`` largest true values (``K = 2048``) are known exactly and every other
+       point provably lies below the ``K``-th, the cut. Points that fall below the cut while
+       being updated are left behind (their ``m_i`` is already small enough).
+    2. *Candidate phase.* The next center is the first maximum of the ``K`` candidates, as
+       long as that maximum beats the cut (non-candidates are below it and only decrease;
+       equality is settled by index). After each selection only the candidates are
+       updated, with the reference arithmetic. When the candidates' maximum falls below
+       the cut, a new phase starts. A phase typically selects hundreds of centers.
 
-    **Why it is exact.** Steps 1-2 only skip pairs whose computed distance provably cannot
-    lower the current minimum, so every minimum is bit-identical to the reference's once its
-    block is fresh, and a selection is made only from exact values. The bounds account for
-    floating-point error: a computed squared distance has relative error below
-    ``gamma = 2 (d + 8) u`` (``u`` the unit roundoff: subtract, square and a ``d``-term sum of
-    non-negative terms, any order); the Gram form has absolute error below
-    ``kappa (|x| + |q|)^2`` with ``kappa = 2 (d + 6) u`` (dot product, norms and their sum;
-    valid for any summation order, FMA or blocking of the matrix product); centring costs at
-    most ``2 u (|x| + |q|)`` in distance. Each bound is used with a factor 2 of slack and the
-    threshold arithmetic is inflated by a few ``u``. (A matrix product run at reduced
-    precision, e.g. TF32 via ``torch.set_float32_matmul_precision``, would void the Gram
-    bound; the CPU path is what runs this code, where float32 matmuls are full precision
-    unless ``torch.set_float32_matmul_precision`` lowers it - it is temporarily set to
-    "highest" here.)
+    Bringing a batch of points up to date with the centers selected since they were last
+    updated is where the time goes; it is done as matrix products:
 
-    **Cost.** Setup O(n d log n); the loop touches only the blocks that can hold the
-    maximum, with memory O(n d) (about three copies of ``X``), never an ``n x n`` matrix.
-    The worst case (no pruning, e.g. uniform noise in high dimension) is the reference's
-    O(n_centers n d), done mostly as matrix products.
+    - *Gram filter.* ``|x|^2 + |q|^2 - 2 x.q`` is computed for all (point, center) pairs as
+      one matrix product, in coordinates relative to the batch centroid (so norms, and the
+      error bound, stay small). Only pairs whose
+      rigorous lower bound is at most both the point's current value and the upper bound
+      of the row's smallest pair are recomputed with the reference arithmetic
+      :func:`_sq_dists` (typically one per improved point); every minimum is therefore
+      bit-identical to the reference's.
+    - *Order and pruning.* Batches are spatially compact (points sorted along a balanced
+      principal-axis tree); centers are taken nearest-first to the batch centroid, in chunks
+      of 256; centers farther than ``R + sqrt(max m_i)`` from the centroid (``R`` the batch
+      radius) cannot change any point of the batch and are skipped (triangle inequality),
+      and a point is dropped from the batch as soon as it falls below the cut.
+
+    **Why it is exact.** A point's ``m_i`` always bounds its true value from above and equals
+    it once all selected centers are applied; a selection is made only among exact values
+    and only when no other point can reach them; pruned pairs provably cannot lower a
+    minimum. The bounds account for floating point: a computed squared distance has relative
+    error below ``(d + 8) u`` (``u`` the unit roundoff: subtract, square and a ``d``-term sum
+    of non-negative terms in any order), the Gram form absolute error below
+    ``(d + 6) u (|x| + |q|)^2`` (norms, dot product in any order or blocking, with or without
+    FMA, and their sum), and centring moves a distance by at most ``2 u (|x| + |q|)``; each
+    bound is used with a factor 2 of slack and thresholds are inflated by 8 ``u``. The Gram
+    bound assumes IEEE float32 matrix products: a reduced-precision oneDNN setting
+    (``torch.backends.mkldnn.matmul.fp32_precision``) is lifted during the call.
+
+    **Cost.** Setup O(n d log n) (the ordering tree, on 32 principal components); extra
+    memory below one copy of ``X`` (O(n) vectors, the selected rows and per-batch buffers),
+    never an ``n x n`` matrix. The pair count is at worst the reference's n_centers x n (no pruning,
+    e.g. uniform noise in high dimension), but screened by matrix products, at a few
+    nanoseconds per pair instead of a pass over ``X`` per center; on clustered or
+    low-dimensional data far fewer pairs are screened.
+
+    **Threads.** The batches run on a pool of ``torch.get_num_threads()`` Python threads
+    (PyTorch releases the GIL in its kernels) while the intra-op thread count is set to 1
+    for the duration of the call, then restored: many small parallel regions would stall
+    on a busy machine, a task pool does not.
 
     **CUDA.** On a GPU the plain algorithm is already cheap per step, so the same operations
     as the reference run without host synchronisation; the selection is the reference's by
