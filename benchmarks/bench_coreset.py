@@ -12,7 +12,8 @@ Data (``--data``):
   heavy-tailed sizes and log-normal spreads, cluster centres in 32 groups, each cluster
   varying mostly along a few (2-16) directions, on a decaying spectrum, as CNN patch
   features do (few dominant directions, many small clusters, a long tail).
-- ``uniform``: independent uniform features, the worst case for any pruning.
+- ``uniform``: independent uniform features, no cluster structure (the worst case for
+  triangle-inequality pruning).
 - ``--features FILE.npy``: real features of shape (n, d), projected if d > proj-dim.
 
 The reference costs one full pass over the data per selected center. Above
@@ -83,7 +84,7 @@ def load_points(args):
         description = f"features from {args.features}"
     elif args.data == "uniform":
         F = torch.rand(args.n, args.dim, generator=torch.Generator().manual_seed(args.seed))
-        description = "uniform (worst case for pruning)"
+        description = "uniform (no cluster structure: worst case for triangle pruning)"
     else:
         F = make_features(args.n, args.dim, args.clusters, args.seed)
         description = f"clustered ({args.clusters} anisotropic Gaussian clusters)"

@@ -49,6 +49,13 @@ def _sq_dists(A, b, out=None, work=None):
     return torch.sum(diff.square_(), -1, out=out)
 
 
+def _all_finite(X, chunk=1 << 16):
+    """Whether X has no NaN or infinity, without a temporary the size of X."""
+    if math.isfinite(float(X.sum())):
+        return True  # NaN and infinities propagate into the sum
+    return all(bool(torch.isfinite(X[i : i + chunk]).all()) for i in range(0, len(X), chunk))
+
+
 def _check_inputs(X, n_centers, start_index):
     """Validate and convert the arguments; return (X, n_centers, start_index)."""
     if not torch.is_tensor(X):
@@ -65,7 +72,7 @@ def _check_inputs(X, n_centers, start_index):
         )
     if X.dtype not in (torch.float32, torch.float64):
         X = X.to(torch.float32)
-    if not bool(torch.isfinite(X).all()):
+    if not _all_finite(X):
         raise ValueError("X contains NaN or infinity; k-center distances need finite values.")
     if isinstance(n_centers, bool) or not isinstance(n_centers, numbers.Integral):
         raise ValueError(f"n_centers must be an integer >= 1; got {n_centers!r}.")

@@ -290,6 +290,13 @@ def test_input_types():
     assert greedy_kcenter([[0.0], [1.0], [3.0]], 2)[0].tolist() == [0, 2]
 
 
+def test_large_finite_values_are_accepted():
+    # The sum of X overflows to inf here: the finiteness check must look closer.
+    X = np.full((6, 3), 3e38, dtype=np.float32)
+    indices, radius = greedy_kcenter(X, 3)
+    assert indices.tolist() == [0, 1, 2] and radius == 0.0
+
+
 def test_return_radius_false_returns_indices_only():
     X = clustered_points(500, 4, 5, seed=5)
     indices = greedy_kcenter(X, 30, return_radius=False)
