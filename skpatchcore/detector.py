@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import ThresholdMixin, contamination_offset
-from ._utils import resolve_device
+from ._utils import progress, resolve_device
 from .coreset import MemoryBank, normal_mask, validate_features
 from .neighbors import make_index
 
@@ -21,6 +21,8 @@ __all__ = ["PatchCoreDetector"]
 
 # n_neighbors='auto' on tabular rows, as LocalOutlierFactor's default.
 _TABULAR_NEIGHBORS = 20
+# Query rows per leave-one-out chunk while fitting (65536 x 152 float32 = 40 MB).
+_LOO_CHUNK_ROWS = 65536
 
 
 class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
@@ -51,8 +53,15 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         an outlier when its anomaly score exceeds Q3 + 1.5 IQR of the leave-one-out training
         anomaly scores (about 0.7% of a normal distribution; more where normal data has a
         heavy tail).
-    knn_backend : {'auto', 'exact'}, default='auto'
-        Nearest-neighbour search; 'exact' is chunked brute force on all cores or the GPU.
+    knn_backend : {'auto', 'exact', 'pynndescent'}, default='auto'
+        Nearest-neighbour search. 'exact' is chunked brute force on all cores or the GPU.
+        'pynndescent' is approximate (a seeded pynndescent graph on CPU; recall@1 about
+        0.996 on patch features, and a missed neighbour makes a distance too large);
+        returned distances are still true distances to the returned rows, and
+        leave-one-out scoring never matches a sample with itself. 'auto' is exact on CUDA,
+        and on CPU pynndescent only for banks of more than 200 000 rows
+        (``n_rows > 2e5``), where it measured about 20x faster than exact search per
+        query; exact otherwise.
     device : str, default="auto"
         Where the bank lives during search; "auto" uses CUDA when available.
     verbose : bool, default=False
@@ -108,7 +117,7 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         "n_neighbors": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "n_reweight_neighbors": [Interval(Integral, 1, None, closed="left")],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
-        "knn_backend": [StrOptions({"auto", "exact"})],
+        "knn_backend": [StrOptions({"auto", "exact", "pynndescent"})],
         "device": [str],
         "verbose": ["verbose"],
     }
@@ -166,9 +175,7 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             )
         self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
         self._index = None
-        train_scores = -self._anomaly_scores(
-            source, query_groups=np.arange(n_train), bank_groups=bank_groups
-        )[0]
+        train_scores = -self._loo_scores(source, bank_groups)
         self.offset_ = contamination_offset(train_scores, self.contamination,
                                             "PatchCoreDetector")
         return self
@@ -245,7 +252,8 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     def _get_index(self):
         if getattr(self, "_index", None) is None:
             device = resolve_device(self.device)
-            self._index = make_index(self.memory_bank_, self.knn_backend, device)
+            self._index = make_index(self.memory_bank_, self.knn_backend, device,
+                                     random_state=0)
         return self._index
 
     def __getstate__(self):
@@ -267,6 +275,32 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             "query_groups": np.where(same, nn[:, 0], -1),
             "bank_groups": np.arange(self.memory_bank_.shape[0]),
         }
+
+    def _loo_scores(self, source, bank_groups):
+        """Leave-one-out anomaly scores of the training samples, a few samples at a time.
+
+        ``source`` is an ndarray or a :class:`~skpatchcore.coreset.SpilledFeatures`; only
+        about ``_LOO_CHUNK_ROWS`` query rows are materialised at once.
+        """
+        n_train = source.shape[0]
+        per_sample = int(np.prod(source.shape[1:-1], dtype=np.int64))
+        step = max(1, _LOO_CHUNK_ROWS // per_sample)
+        scores = np.empty(n_train, dtype=np.float64)
+        bar = progress(total=n_train, desc="train scores", unit="sample",
+                       disable=not self.verbose or n_train == 1)
+        verbose, self.verbose = self.verbose, False
+        try:
+            for start in range(0, n_train, step):
+                stop = min(start + step, n_train)
+                chunk = np.asarray(source[start:stop], dtype=np.float32)
+                scores[start:stop] = self._anomaly_scores(
+                    chunk, query_groups=np.arange(start, stop), bank_groups=bank_groups
+                )[0]
+                bar.update(stop - start)
+        finally:
+            self.verbose = verbose
+            bar.close()
+        return scores
 
     def _anomaly_scores(self, X, query_groups=None, bank_groups=None):
         """Image anomaly scores s (n,) and patch-distance grids (n, ...) for X.

@@ -73,8 +73,15 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         threshold at that quantile of the training scores; 'auto' uses Tukey's fence
         (anomaly score above Q3 + 1.5 IQR of the training anomaly scores), as
         :class:`PatchCoreDetector`.
-    knn_backend : {'auto', 'exact'}, default='auto'
-        Nearest-neighbour search; 'exact' is chunked brute force on all cores or the GPU.
+    knn_backend : {'auto', 'exact', 'pynndescent'}, default='auto'
+        Nearest-neighbour search. 'exact' is chunked brute force on all cores or the GPU.
+        'pynndescent' is approximate (a seeded pynndescent graph on CPU; recall@1 about
+        0.996 on patch features, and a missed neighbour makes a distance too large);
+        returned distances are still true distances to the returned rows, and
+        leave-one-out scoring never matches a sample with itself. 'auto' is exact on CUDA,
+        and on CPU pynndescent only for banks of more than 200 000 rows
+        (``n_rows > 2e5``), where it measured about 20x faster than exact search per
+        query; exact otherwise.
     device : str, default="auto"
         Where the banks live during search; "auto" uses CUDA when available.
 
@@ -157,7 +164,7 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         "n_image_neighbors": [Interval(Integral, 1, None, closed="left")],
         "image_score": [StrOptions({"pooled", "max"})],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
-        "knn_backend": [StrOptions({"auto", "exact"})],
+        "knn_backend": [StrOptions({"auto", "exact", "pynndescent"})],
         "device": [str],
     }
 
@@ -304,13 +311,15 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     def _get_image_index(self):
         if getattr(self, "_image_index", None) is None:
             device = resolve_device(self.device)
-            self._image_index = make_index(self.image_features_, self.knn_backend, device)
+            self._image_index = make_index(self.image_features_, self.knn_backend, device,
+                                           random_state=0)
         return self._image_index
 
     def _get_patch_index(self):
         if getattr(self, "_patch_index", None) is None:
             device = resolve_device(self.device)
-            self._patch_index = make_index(self.memory_bank_, self.knn_backend, device)
+            self._patch_index = make_index(self.memory_bank_, self.knn_backend, device,
+                                           random_state=0)
         return self._patch_index
 
     def __getstate__(self):
