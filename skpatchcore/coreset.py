@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from numbers import Integral, Real
 
 import numpy as np
@@ -15,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ._kcenter import greedy_kcenter
 from ._utils import resolve_device
 
-__all__ = ["CoresetSampler", "MemoryBank"]
+__all__ = ["CoresetSampler", "MemoryBank", "SpilledFeatures"]
 
 _PROJECT_CHUNK = 65536
 
@@ -108,17 +109,95 @@ def normal_mask(y, n, name="y"):
     return None if keep.all() else keep
 
 
-def random_projection(rows, dim, random_state, device):
-    """Project rows (N, d) to (N, dim) with a seeded Gaussian matrix, in chunks."""
+def _projection_matrix(d, dim, random_state, device):
+    """Seeded Gaussian matrix (d, dim) scaled by 1/sqrt(dim) (draws one seed from the rng)."""
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     gen = torch.Generator().manual_seed(seed)
-    d = rows.shape[1]
-    matrix = (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
+    return (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
+
+
+def random_projection(rows, dim, random_state, device):
+    """Project rows (N, d) to (N, dim) with a seeded Gaussian matrix, in chunks."""
+    matrix = _projection_matrix(rows.shape[1], dim, random_state, device)
     out = torch.empty((rows.shape[0], dim), dtype=torch.float32, device=device)
     for start in range(0, rows.shape[0], _PROJECT_CHUNK):
         chunk = torch.from_numpy(rows[start : start + _PROJECT_CHUNK]).to(device)
         out[start : start + len(chunk)] = chunk @ matrix
     return out
+
+
+class SpilledFeatures:
+    """Feature grids written batch by batch to an anonymous temporary file.
+
+    Streaming fits keep only the random projection in memory; the full float32 rows live
+    here, are read back for the selected bank rows (:meth:`take_rows`) and, a few samples at
+    a time, for leave-one-out training scores (slicing ``spilled[a:b]`` returns an ndarray).
+    The file is deleted when closed or garbage-collected.
+
+    Parameters
+    ----------
+    sample_shape : tuple of int
+        Shape of one sample, ``(h, w, d)`` or ``(d,)``.
+    directory : str or None, default=None
+        Where the file goes (None: the system's temporary directory).
+    """
+
+    def __init__(self, sample_shape, directory=None):
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self._row_bytes = 4 * int(np.prod(self.sample_shape, dtype=np.int64))
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._n = 0
+
+    @property
+    def shape(self):
+        return (self._n,) + self.sample_shape
+
+    @property
+    def ndim(self):
+        return len(self.sample_shape) + 1
+
+    def __len__(self):
+        return self._n
+
+    def append(self, grids):
+        """Write samples of shape (b,) + sample_shape at the end of the file."""
+        grids = np.ascontiguousarray(grids, dtype=np.float32)
+        if grids.shape[1:] != self.sample_shape:
+            raise ValueError(f"Expected samples of shape {self.sample_shape}, got "
+                             f"{grids.shape[1:]}.")
+        self._file.seek(self._n * self._row_bytes)
+        grids.tofile(self._file)
+        self._n += len(grids)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SpilledFeatures supports contiguous slices only.")
+        start, stop, _ = key.indices(self._n)
+        count = max(0, stop - start)
+        self._file.seek(start * self._row_bytes)
+        out = np.fromfile(self._file, dtype=np.float32, count=count * self._row_bytes // 4)
+        return out.reshape((count,) + self.sample_shape)
+
+    def take_rows(self, rows, chunk_samples=256):
+        """Rows ``reshape(-1, d)[rows]`` of the stored features, read chunk by chunk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        d = self.sample_shape[-1]
+        per_sample = self._row_bytes // 4 // d
+        out = np.empty((len(rows), d), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        bounds = np.arange(0, self._n + chunk_samples, chunk_samples) * per_sample
+        cuts = np.searchsorted(sorted_rows, bounds)
+        for i, start in enumerate(range(0, self._n, chunk_samples)):
+            lo, hi = cuts[i], cuts[i + 1]
+            if lo == hi:
+                continue
+            block = self[start : start + chunk_samples].reshape(-1, d)
+            out[order[lo:hi]] = block[sorted_rows[lo:hi] - start * per_sample]
+        return out
+
+    def close(self):
+        self._file.close()
 
 
 class CoresetSampler(TransformerMixin, BaseEstimator):
@@ -245,24 +324,73 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
         keep = normal_mask(y, F.shape[0])
         source = F if keep is None else F[keep]
         d = F.shape[-1]
-        per_sample = int(np.prod(F.shape[1:-1], dtype=np.int64))
         rows = source.reshape(-1, d)
-        n_rows = rows.shape[0]
+        chunks = (rows[i : i + _PROJECT_CHUNK] for i in range(0, len(rows), _PROJECT_CHUNK))
+        selected = self._select_rows(chunks, rows.shape[0], d)
+        per_sample = self._set_indices(selected, keep, F.shape[1:-1])
+        return MemoryBank(rows[selected], groups=selected // per_sample, source=source)
+
+    def _fit_stream(self, batches, n_samples, sample_shape, y=None):
+        """Select from features that arrive in batches, holding only their projection.
+
+        ``batches`` yields ``(start, grids)`` with grids of shape (b,) + sample_shape for
+        samples ``start:start + b``. Full rows are spilled to a temporary file
+        (:class:`SpilledFeatures`), which becomes the returned bank's ``source``; the caller
+        closes it when done.
+        """
+        self._validate_params()
+        sample_shape = tuple(sample_shape)
+        d = sample_shape[-1]
+        self.n_features_in_ = d
+        keep = normal_mask(y, n_samples)
+        n_kept = n_samples if keep is None else int(keep.sum())
+        per_sample = int(np.prod(sample_shape[:-1], dtype=np.int64))
+        spill = SpilledFeatures(sample_shape)
+
+        def rows():
+            for start, grids in batches:
+                if keep is not None:
+                    grids = grids[keep[start : start + len(grids)]]
+                spill.append(grids)
+                yield np.ascontiguousarray(grids, dtype=np.float32).reshape(-1, d)
+
+        try:
+            selected = self._select_rows(rows(), n_kept * per_sample, d)
+            self._set_indices(selected, keep, sample_shape[:-1])
+            bank = spill.take_rows(selected)
+        except BaseException:
+            spill.close()
+            raise
+        return MemoryBank(bank, groups=selected // per_sample, source=spill)
+
+    def _select_rows(self, row_batches, n_rows, d):
+        """Project the rows as they come, run greedy k-center, set coverage_radius_."""
         if self.n_samples is not None:
             m = min(self.n_samples, n_rows)
         else:
             m = max(1, math.ceil(self.sampling_ratio * n_rows))
         device = resolve_device(self.device)
         rng = check_random_state(self.random_state)
-        if self.projection_dim is not None and self.projection_dim < d:
-            points = random_projection(rows, self.projection_dim, rng, device)
-        else:
-            points = torch.from_numpy(rows).to(device)
+        project = self.projection_dim is not None and self.projection_dim < d
+        matrix = _projection_matrix(d, self.projection_dim, rng, device) if project else None
+        points = torch.empty((n_rows, self.projection_dim if project else d),
+                             dtype=torch.float32, device=device)
+        filled = 0
+        for rows in row_batches:
+            chunk = torch.from_numpy(rows).to(device)
+            points[filled : filled + len(chunk)] = chunk @ matrix if project else chunk
+            filled += len(chunk)
+        if filled != n_rows:
+            raise ValueError(f"Expected {n_rows} feature rows, received {filled}.")
         start = int(rng.randint(n_rows))
         selected, radius = greedy_kcenter(points, m, start_index=start, verbose=self.verbose)
-        selected = np.asarray(selected, dtype=np.int64)
         del points
-        # Map positions among the kept rows back to rows of the input as given.
+        self.coverage_radius_ = float(radius)
+        return np.asarray(selected, dtype=np.int64)
+
+    def _set_indices(self, selected, keep, grid_shape):
+        """Map positions among the kept rows back to rows of the input as given."""
+        per_sample = int(np.prod(grid_shape, dtype=np.int64))
         if keep is None:
             self.sample_indices_ = selected
         else:
@@ -270,8 +398,7 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
             self.sample_indices_ = (
                 kept_samples[selected // per_sample] * per_sample + selected % per_sample
             )
-        self.coverage_radius_ = float(radius)
-        return MemoryBank(rows[selected], groups=selected // per_sample, source=source)
+        return per_sample
 
     def transform(self, F):
         """Return F unchanged: the coreset only shrinks the training bank.

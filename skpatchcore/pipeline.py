@@ -43,6 +43,51 @@ class PatchCorePipeline(Pipeline):
     The two extra methods are available when the final step has ``predict_map``.
     """
 
+    def fit(self, X, y=None, **params):
+        """Fit the steps; features -> coreset -> PatchCore streams in bounded memory.
+
+        For the standard three steps (:func:`make_patchcore`, no ``memory``, no fit
+        parameters) the training features are never held in memory at once: each batch of
+        images is embedded, randomly projected for the coreset selection and written to a
+        temporary file; the selected rows are read back into the memory bank, and the
+        leave-one-out training scores read the file a few images at a time. The result is
+        identical to fitting the steps one after another. Any other pipeline fits as
+        :meth:`sklearn.pipeline.Pipeline.fit` does.
+
+        Parameters
+        ----------
+        X : images
+            Normal training images, in any form FeatureExtractor accepts.
+        y : array-like of shape (n_images,), default=None
+            Images labelled -1 are left out of the memory bank.
+        **params
+            Fit parameters routed as in :class:`~sklearn.pipeline.Pipeline`.
+
+        Returns
+        -------
+        self : PatchCorePipeline
+        """
+        if params or not self._streams():
+            return super().fit(X, y, **params)
+        self._validate_params()
+        self._validate_steps()
+        extractor, sampler, detector = (step for _, step in self.steps)
+        images = check_images(X)
+        extractor.fit(images)
+        sample_shape = tuple(extractor.grid_shape_) + (extractor.feature_dim_,)
+        bank = sampler._fit_stream(extractor._iter_batches(images), len(images), sample_shape, y)
+        try:
+            detector.fit(bank)
+        finally:
+            bank.source.close()
+        return self
+
+    def _streams(self):
+        kinds = (FeatureExtractor, CoresetSampler, PatchCoreDetector)
+        return (self.memory is None and len(self.steps) == len(kinds)
+                and all(type(step) is kind for (_, step), kind in zip(self.steps, kinds,
+                                                                        strict=True)))
+
     @available_if(_final_has("predict_map"))
     def predict_map(self, X, sigma=4.0):
         """Pixel anomaly maps at each input image's own resolution.

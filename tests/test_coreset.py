@@ -96,3 +96,54 @@ def test_property_covering_radius(n, d, ratio, seed):
         pair = np.sqrt(((sel[:, None] - sel[None]) ** 2).sum(-1))
         pair[np.diag_indices_from(pair)] = np.inf
         assert r <= pair.min() + 1e-5
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    batch=st.integers(1, 5),
+    ratio=st.floats(0.05, 1.0),
+    drop=st.lists(st.integers(0, 11), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_streamed_selection_equals_in_memory(n, batch, ratio, drop, seed):
+    """Features arriving in batches (projection in memory, rows spilled to disk) select the
+    same rows, radius and bank as the whole array at once."""
+    F = np.random.RandomState(seed).randn(n, 3, 4, 8).astype(np.float32)
+    y = np.ones(n, dtype=int)
+    y[[i for i in drop if i < n]] = -1
+    if (y == -1).all():
+        y[0] = 1
+    ref = CoresetSampler(sampling_ratio=ratio, projection_dim=5, random_state=seed)
+    bank_ref = ref.fit_transform(F, y)
+    st_ = CoresetSampler(sampling_ratio=ratio, projection_dim=5, random_state=seed)
+    batches = ((s, F[s : s + batch]) for s in range(0, n, batch))
+    bank = st_._fit_stream(batches, n, F.shape[1:], y)
+    try:
+        np.testing.assert_array_equal(st_.sample_indices_, ref.sample_indices_)
+        assert st_.coverage_radius_ == ref.coverage_radius_
+        np.testing.assert_array_equal(bank, bank_ref)
+        np.testing.assert_array_equal(bank.groups, bank_ref.groups)
+        np.testing.assert_array_equal(bank.source[0 : len(bank.source)], bank_ref.source)
+    finally:
+        bank.source.close()
+
+
+def test_spilled_features_read_back_exactly():
+    from skpatchcore.coreset import SpilledFeatures
+
+    F = np.random.RandomState(1).rand(7, 2, 3, 4).astype(np.float32)
+    spill = SpilledFeatures(F.shape[1:])
+    for s in range(0, 7, 3):
+        spill.append(F[s : s + 3])
+    assert spill.shape == F.shape and len(spill) == 7 and spill.ndim == 4
+    np.testing.assert_array_equal(spill[2:5], F[2:5])
+    np.testing.assert_array_equal(spill[5:], F[5:])
+    rows = np.array([41, 0, 33, 7, 7, 20])
+    np.testing.assert_array_equal(spill.take_rows(rows, chunk_samples=2),
+                                  F.reshape(-1, 4)[rows])
+    with pytest.raises(ValueError, match="shape"):
+        spill.append(np.zeros((1, 2, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="slices"):
+        spill[[0, 1]]
+    spill.close()

@@ -195,3 +195,21 @@ def test_letterbox_and_crop_are_undone():
         r, c = np.unravel_index(amap.argmax(), amap.shape)
         # the grid is coarse (8 px cells at 64 px): allow one cell around the square
         assert 8 <= r <= 40 and 56 <= c <= 92, (kw, r, c)
+
+
+def test_streamed_fit_equals_fitting_step_by_step(defects):
+    """PatchCorePipeline.fit streams features (bounded memory); the fitted model must be
+    exactly the one a plain Pipeline gets from the full feature array."""
+    X, y, _ = defects
+    streamed = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0, batch_size=5)
+    assert streamed._streams()
+    streamed.fit(X, y)
+    plain = Pipeline(list(make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0,
+                                         batch_size=5).steps)).fit(X, y)
+    np.testing.assert_array_equal(streamed["coreset"].sample_indices_,
+                                  plain["coreset"].sample_indices_)
+    np.testing.assert_array_equal(streamed[-1].memory_bank_, plain[-1].memory_bank_)
+    assert streamed[-1].offset_ == plain[-1].offset_
+    np.testing.assert_array_equal(streamed.score_samples(X[20:]), plain.score_samples(X[20:]))
+    # anything but the standard three steps fits as a plain Pipeline does
+    assert not PatchCorePipeline(streamed.steps[:1] + streamed.steps[2:])._streams()
