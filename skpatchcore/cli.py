@@ -39,6 +39,16 @@ def _collect_images(inputs):
     return paths
 
 
+def _border(text):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--border must be 'auto' or an integer, got "
+                                         f"{text!r}") from None
+
+
 def _cmd_fit(args):
     from .persistence import save_model
     from .pipeline import make_anomaly_pipeline
@@ -48,7 +58,8 @@ def _cmd_fit(args):
     pipe = make_anomaly_pipeline(
         args.method, **params,
         backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-        patch_size=args.patch_size, contamination=_contamination(args.contamination),
+        patch_size=args.patch_size, border=args.border,
+        contamination=_contamination(args.contamination),
         random_state=args.random_state, device=args.device, verbose=not args.quiet,
     )
     start = time.perf_counter()
@@ -147,6 +158,8 @@ def _parser():
     fit.add_argument("--image-size", type=int, default=320)
     fit.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
     fit.add_argument("--patch-size", type=int, default=3)
+    fit.add_argument("--border", type=_border, default="auto",
+                     help="edge cell rings given inner features ('auto' or an integer)")
     fit.add_argument("--coreset-ratio", type=float, default=0.01)
     fit.add_argument("--contamination", default="auto")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",

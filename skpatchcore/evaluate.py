@@ -110,6 +110,8 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
 
 
 def _parse(argv):
+    from .cli import _border
+
     parser = argparse.ArgumentParser(
         prog="python -m skpatchcore.evaluate",
         description="Fit PatchCore on ROOT/train/good and evaluate on ROOT/test.",
@@ -121,6 +123,8 @@ def _parse(argv):
     parser.add_argument("--image-size", type=int, default=320)
     parser.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
     parser.add_argument("--patch-size", type=int, default=3)
+    parser.add_argument("--border", type=_border, default="auto",
+                        help="edge cell rings given inner features ('auto' or an integer)")
     parser.add_argument("--sampling-ratio", type=float, default=0.01)
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -137,7 +141,8 @@ def main(argv=None):
         results = evaluate(
             args.root, method=args.method, category=args.category, save_maps=args.save_maps,
             backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-            patch_size=args.patch_size, random_state=args.random_state, device=args.device,
+            patch_size=args.patch_size, border=args.border, random_state=args.random_state,
+            device=args.device,
             verbose=not args.quiet, **params,
         )
     except (FileNotFoundError, ValueError) as exc:

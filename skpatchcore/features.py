@@ -55,6 +55,19 @@ def frame_geometry(src_hw, image_size, resize_mode):
     return (H - nh) // 2, (W - nw) // 2, nh, nw
 
 
+def _inner_cells(n_cells, stride, lo, hi, border):
+    """For each of ``n_cells`` cells along one axis, the cell whose features it takes: itself
+    when it lies ``border`` or more cells inside the image span [lo, hi) (input pixels, cell
+    centres decide), otherwise the nearest such cell."""
+    centres = (np.arange(n_cells) + 0.5) * stride
+    inside = np.flatnonzero((centres >= lo) & (centres < hi))
+    if len(inside) == 0:  # image thinner than a cell: all take the cell at its centre
+        return np.full(n_cells, min(int((lo + hi) / 2 // stride), n_cells - 1))
+    first, last = int(inside[0]), int(inside[-1])
+    b = min(border, (last - first) // 2)
+    return np.clip(np.arange(n_cells), first + b, last - b)
+
+
 class FeatureExtractor(TransformerMixin, BaseEstimator):
     """Images to PatchCore's locally aware patch-feature grids.
 
@@ -90,8 +103,20 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     crop_size : int or (int, int) or None, default=None
         If set, a centre crop of this size is taken after resizing (the reference
         implementation's resize-256 / crop-224). Pixels outside the crop are not analysed.
-    batch_size : int, default=16
-        Images per forward pass.
+    border : int or 'auto', default='auto'
+        Rings of grid cells along each image's edge whose features are replaced by those of
+        the nearest cell further inside (0 keeps them). Edge cells see the convolutions' zero
+        padding, the letterbox fill and the cut of the frame more than the part itself, so
+        on good images they look anomalous; this gives them the features, and so the scores
+        and maps, of their inner neighbours. Defects at the edge still show through the inner
+        cells' receptive fields. The edge is the image's own (inside the letterbox, after any
+        crop). 'auto' replaces the cells whose deepest-layer neighbourhood reaches past the
+        edge, ``(patch_size // 2) * deepest_stride // finest_stride`` (2 with the defaults)
+        and at least 1, but at most one ring per 16 cells of the grid's shorter side, so
+        small inputs (grids under 16 cells, e.g. 120 px) keep every cell (see ``border_``).
+    batch_size : int, default=8
+        Images per forward pass. Activations dominate memory: on the CPU at 320 px each
+        image in a batch costs about 35 MB, and larger batches are not faster.
     device : str, default="auto"
         Torch device; "auto" uses CUDA when available, else the CPU. Output is always a numpy
         array in host memory.
@@ -108,6 +133,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         (h, w) of the feature grid of one image.
     stride_ : int
         Input pixels per grid cell (the finest layer's stride).
+    border_ : int
+        Rings of edge cells replaced by inner ones (``border`` resolved).
     weights_path_ : str or None
         Checkpoint that was loaded.
     weights_sha256_ : str or None
@@ -144,6 +171,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         "image_size": [Interval(Integral, 8, None, closed="left"), tuple, list],
         "resize_mode": [StrOptions({"stretch", "letterbox"})],
         "crop_size": [Interval(Integral, 8, None, closed="left"), tuple, list, None],
+        "border": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str],
         "verbose": ["verbose"],
@@ -159,7 +187,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         image_size=320,
         resize_mode="letterbox",
         crop_size=None,
-        batch_size=16,
+        border="auto",
+        batch_size=8,
         device="auto",
         verbose=False,
     ):
@@ -170,6 +199,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.image_size = image_size
         self.resize_mode = resize_mode
         self.crop_size = crop_size
+        self.border = border
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
@@ -205,9 +235,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.weights_path_ = None if weights_path is None else str(weights_path)
         self.weights_sha256_ = None if weights_path is None else file_sha256(weights_path)
         self.stride_ = min(spec.layers[layer][0] for layer in layers)
+        deepest = max(spec.layers[layer][0] for layer in layers)
         self.feature_dim_ = sum(spec.layers[layer][1] for layer in layers)
         in_h, in_w = crop if crop is not None else size
         self.grid_shape_ = (math.ceil(in_h / self.stride_), math.ceil(in_w / self.stride_))
+        if self.border == "auto":  # small grids keep their cells: 1 ring per 16 cells
+            reach = (self.patch_size // 2) * deepest // self.stride_
+            self.border_ = min(max(1, reach), min(self.grid_shape_) // 16)
+        else:
+            self.border_ = int(self.border)
         return self
 
     def _set_network(self, network, spec):
@@ -276,11 +312,41 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
-                batch = torch.stack([self._prepare(images[i]) for i in range(start, stop)])
+                decoded = [images[i] for i in range(start, stop)]
+                batch = torch.stack([self._prepare(image) for image in decoded])
                 grids = self._embed(batch.to(self._device))
+                if self.border_:
+                    grids = self._replace_border(
+                        grids, [tuple(image.shape[1:]) for image in decoded])
                 yield start, grids.cpu().numpy()
                 bar.update(stop - start)
         bar.close()
+
+    def _image_box(self, src_hw):
+        """(top, left, bottom, right) of the image's own pixels in the network input."""
+        size = _as_hw(self.image_size, "image_size")
+        top, left, nh, nw = frame_geometry(src_hw, size, self.resize_mode)
+        bottom, right = top + nh, left + nw
+        crop = _as_hw(self.crop_size, "crop_size")
+        if crop is not None:
+            dy, dx = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
+            top, bottom = max(top - dy, 0), min(bottom - dy, crop[0])
+            left, right = max(left - dx, 0), min(right - dx, crop[1])
+        return top, left, bottom, right
+
+    def _replace_border(self, grids, sizes):
+        """Give the ``border_`` outer rings of cells of each image their inner neighbour's
+        features (grids: (b, h, w, d) tensor; sizes: source (H, W) of each image)."""
+        h, w = grids.shape[1:3]
+        rows, cols = [], []
+        for src_hw in sizes:
+            top, left, bottom, right = self._image_box(src_hw)
+            rows.append(_inner_cells(h, self.stride_, top, bottom, self.border_))
+            cols.append(_inner_cells(w, self.stride_, left, right, self.border_))
+        rows = torch.as_tensor(np.stack(rows), device=grids.device)
+        cols = torch.as_tensor(np.stack(cols), device=grids.device)
+        batch = torch.arange(len(sizes), device=grids.device)
+        return grids[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
 
     def _prepare(self, image):
         """float (3, H, W) in [0, 1] -> resized/letterboxed (and cropped) float (3, h, w)."""

@@ -26,6 +26,9 @@ from . import __version__
 __all__ = ["load_model", "save_model"]
 
 FORMAT_VERSION = 1
+# class -> {parameter: value that reproduces models saved before it existed}
+_ADDED_PARAMS = {"FeatureExtractor": {"border": 0}}
+_ADDED_FITTED = {"FeatureExtractor": {"border_": 0}}
 _META_KEY = "__skpatchcore_meta__"
 
 
@@ -117,6 +120,10 @@ def _rebuild(description, arrays, prefix):
                  for step_name, d in description["steps"]]
         return cls(steps)
     params = {k: _from_json(v) for k, v in description["params"].items()}
+    # Parameters added after a file was written take the value that reproduces the old
+    # behaviour, not today's default.
+    for key, value in _ADDED_PARAMS.get(name, {}).items():
+        params.setdefault(key, value)
     try:
         estimator = cls(**params)
     except TypeError as exc:
@@ -128,6 +135,10 @@ def _rebuild(description, arrays, prefix):
         else:
             value = _from_json(value)
         setattr(estimator, key, value)
+    if description["fitted"]:
+        for key, value in _ADDED_FITTED.get(name, {}).items():
+            if key not in description["fitted"]:
+                setattr(estimator, key, value)
     if "network_state" in description:
         from .backbones import load_backbone
 

@@ -56,7 +56,7 @@ def test_features_are_local(fitted):
     a = (rng.rand(1, 128, 128, 3) * 255).astype(np.uint8)
     b = a.copy()
     b[0, :16, :16] = 255 - b[0, :16, :16]
-    fe = clone(fitted).set_params(image_size=128).fit()
+    fe = clone(fitted).set_params(image_size=128, border=0).fit()
     Fa, Fb = fe.transform(a)[0], fe.transform(b)[0]
     assert np.abs(Fa[:2, :2] - Fb[:2, :2]).max() > 0.1
     np.testing.assert_allclose(Fa[-2:, -2:, :40], Fb[-2:, -2:, :40], atol=1e-6)
@@ -69,8 +69,10 @@ def test_features_are_local(fitted):
 def test_patch_size_averages_neighbourhood():
     rng = np.random.RandomState(0)
     X = (rng.rand(2, 64, 64, 3) * 255).astype(np.uint8)
-    F1 = FeatureExtractor(image_size=64, patch_size=1, layers=["blocks.2"]).fit_transform(X)
-    F3 = FeatureExtractor(image_size=64, patch_size=3, layers=["blocks.2"]).fit_transform(X)
+    F1 = FeatureExtractor(image_size=64, patch_size=1, layers=["blocks.2"],
+                          border=0).fit_transform(X)
+    F3 = FeatureExtractor(image_size=64, patch_size=3, layers=["blocks.2"],
+                          border=0).fit_transform(X)
     # interior cell of the 3x3 average equals the mean of the 1x1 features around it
     np.testing.assert_allclose(F3[:, 3, 4], F1[:, 2:5, 3:6].mean(axis=(1, 2)), atol=1e-5)
     # border cells average only the existing neighbours
@@ -125,3 +127,43 @@ def test_transform_before_fit_raises():
 
     with pytest.raises(NotFittedError):
         FeatureExtractor().transform(np.zeros((1, 8, 8), np.uint8))
+
+
+def test_border_cells_take_their_inner_neighbours_features():
+    rng = np.random.RandomState(0)
+    square = (rng.rand(1, 256, 256, 3) * 255).astype(np.uint8)
+    F0 = FeatureExtractor(image_size=256, border=0).fit_transform(square)
+    fe = FeatureExtractor(image_size=256).fit()
+    assert fe.border_ == 2  # (3 // 2) * 16 // 8: the stride-16 neighbourhood reaches 2 cells
+    F2 = fe.transform(square)
+    inner = np.clip(np.arange(32), 2, 29)
+    np.testing.assert_array_equal(F2[0], F0[0][inner][:, inner])
+    np.testing.assert_array_equal(F2[0, 2:30, 2:30], F0[0, 2:30, 2:30])  # interior untouched
+    assert FeatureExtractor(patch_size=1).fit().border_ == 1
+    assert FeatureExtractor(layers=["blocks.2"]).fit().border_ == 1
+    assert FeatureExtractor(patch_size=5).fit().border_ == 2  # one ring per 16 of 40 cells
+    assert FeatureExtractor(patch_size=5, image_size=640).fit().border_ == 4
+    assert FeatureExtractor(image_size=128).fit().border_ == 1
+    assert FeatureExtractor(image_size=64).fit().border_ == 0  # 8 cells: all kept
+    assert FeatureExtractor(image_size=64, border=3).fit().border_ == 3
+
+
+def test_border_follows_the_image_inside_the_letterbox_and_crop():
+    """A 32 x 64 image letterboxed into 64 x 64 covers rows 16..47, cell rows 2..5 (centres
+    20..44); with border 1 rows 0..2 take row 3 and rows 5..7 take row 4."""
+    rng = np.random.RandomState(1)
+    wide = (rng.rand(1, 32, 64, 3) * 255).astype(np.uint8)
+    F0 = FeatureExtractor(image_size=64, border=0).fit_transform(wide)
+    F1 = FeatureExtractor(image_size=64, border=1).fit_transform(wide)
+    rows, cols = np.array([3, 3, 3, 3, 4, 4, 4, 4]), np.clip(np.arange(8), 1, 6)
+    np.testing.assert_array_equal(F1[0], F0[0][rows][:, cols])
+    # a centre crop cuts the frame: the crop's edge is then the image's edge
+    crop0 = FeatureExtractor(image_size=80, crop_size=64, resize_mode="stretch", border=0)
+    crop1 = FeatureExtractor(image_size=80, crop_size=64, resize_mode="stretch", border=1)
+    inner = np.clip(np.arange(8), 1, 6)
+    np.testing.assert_array_equal(crop1.fit_transform(wide)[0],
+                                  crop0.fit_transform(wide)[0][inner][:, inner])
+    # a sliver thinner than a cell: every cell takes the one at its centre
+    sliver = (rng.rand(1, 2, 64, 3) * 255).astype(np.uint8)
+    Fs = FeatureExtractor(image_size=64, border=1).fit_transform(sliver)
+    assert (Fs[0] == Fs[0, 4:5]).all()

@@ -109,3 +109,25 @@ def test_unsaveable_parameters_say_what_to_do(tmp_path):
     save_model(det, tmp_path / "ok.npz")
     with pytest.raises(ValueError, match="random_state=0"):
         save_model(sampler, tmp_path / "bad.npz")
+
+
+def test_files_from_before_the_border_parameter_keep_their_features(defects, tmp_path):
+    """A model saved before FeatureExtractor had ``border`` used no border replacement; it
+    must load with border=0, not today's default, so its scores do not change."""
+    import json
+
+    from skpatchcore.persistence import _META_KEY
+
+    X, _, _ = defects
+    old = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0, border=0).fit(X[:8])
+    path = save_model(old, tmp_path / "old.npz")
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays[_META_KEY].tobytes().decode("utf-8"))
+    features = meta["model"]["steps"][0][1]
+    del features["params"]["border"], features["fitted"]["border_"]
+    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    np.savez(tmp_path / "legacy.npz", **arrays)
+    loaded = load_model(tmp_path / "legacy.npz")
+    assert loaded[0].border == 0 and loaded[0].border_ == 0
+    np.testing.assert_array_equal(loaded.score_samples(X[8:12]), old.score_samples(X[8:12]))
