@@ -2,9 +2,11 @@
 
 :class:`ExactIndex` finds the exact k nearest bank rows by chunked matrix products on all
 cores (or the GPU). Distances are true Euclidean distances (not squared): candidates are found
-with ``|q|^2 + |b|^2 - 2 q.b`` in float32 (clamped at 0, never negative), then the best few
-candidates are re-measured as ``||q - b||`` in float64 and re-ranked, so returned distances are
-exact to float64 rounding of the float32 inputs and a query equal to a bank row gets exactly 0.
+by ranking ``|b|^2 - 2 q.b`` in float32 (``|q - b|^2`` less the row constant ``|q|^2``; no
+squared distance is ever used as a distance, so none can come out negative), then the best
+few candidates are re-measured as ``||q - b||`` in float64 and re-ranked, so returned
+distances are exact to float64 rounding of the float32 inputs and a query equal to a bank row
+gets exactly 0.
 
 :class:`NNDescentIndex` is approximate: a pynndescent k-neighbour graph proposes candidates,
 which are re-measured and re-ranked the same way, so its distances are exact for the rows it
@@ -108,6 +110,7 @@ class ExactIndex:
         if masked:
             qg = torch.as_tensor(np.asarray(query_groups), device=self.device)
             bg = torch.as_tensor(np.asarray(bank_groups), device=self.device)
+            runs = _group_runs(np.asarray(query_groups), np.asarray(bank_groups))
         dist = np.empty((n, k), dtype=np.float64)
         idx = np.empty((n, k), dtype=np.int64)
         rows = max(1, _BLOCK_ELEMENTS // max(m, 1))
@@ -115,12 +118,15 @@ class ExactIndex:
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             q = Q[start:stop]
-            d2 = torch.addmm(self.bank_sq[None, :], q, self.bank.T, alpha=-2.0)
-            d2 += (q.double() ** 2).sum(1).float()[:, None]
-            d2.clamp_(min=0.0)
-            if masked:
-                d2.masked_fill_(qg[start:stop, None] == bg[None, :], float("inf"))
-            cand_d2, cand = torch.topk(d2, kc, dim=1, largest=False, sorted=False)
+            # |b|^2 - 2 q.b ranks the bank rows of each query as |q - b|^2 does (|q|^2 is
+            # the same along a row), so neither adding it nor clamping is needed to rank.
+            rank = torch.addmm(self.bank_sq[None, :], q, self.bank.T, alpha=-2.0)
+            if masked and runs is not None:  # queries sorted by group: mask block by block
+                for lo, hi, own in runs(start, stop):
+                    rank[lo - start : hi - start, own] = float("inf")
+            elif masked:
+                rank.masked_fill_(qg[start:stop, None] == bg[None, :], float("inf"))
+            cand_d2, cand = torch.topk(rank, kc, dim=1, largest=False, sorted=False)
             # Re-measure candidates exactly (float64) and keep the best k.
             exact = torch.linalg.vector_norm(
                 self.bank[cand].double() - q.double()[:, None, :], dim=2
@@ -135,6 +141,34 @@ class ExactIndex:
             bar.update(stop - start)
         bar.close()
         return dist, idx
+
+
+def _group_runs(query_groups, bank_groups):
+    """For queries whose groups come in runs (each group's rows contiguous, as in the
+    leave-one-out training scores), a function ``runs(start, stop)`` yielding ``(lo, hi,
+    own)``: rows ``lo:hi`` of the queries share a group whose bank rows are ``own`` (a
+    tensor of indices). None when the groups are not in runs (then a comparison masks)."""
+    if len(query_groups) == 0:
+        return None
+    change = np.flatnonzero(query_groups[1:] != query_groups[:-1]) + 1
+    starts = np.r_[0, change]
+    stops = np.r_[change, len(query_groups)]
+    if len(np.unique(query_groups[starts])) != len(starts):
+        return None
+    order = np.argsort(bank_groups, kind="stable")
+    sorted_groups = bank_groups[order]
+
+    def runs(start, stop):
+        first = np.searchsorted(stops, start, side="right")
+        for lo, hi in zip(starts[first:], stops[first:], strict=True):
+            if lo >= stop:
+                break
+            g = query_groups[lo]
+            left, right = np.searchsorted(sorted_groups, g, "left"), np.searchsorted(
+                sorted_groups, g, "right")
+            yield max(lo, start), min(hi, stop), torch.from_numpy(order[left:right])
+
+    return runs
 
 
 class NNDescentIndex:

@@ -290,3 +290,25 @@ def test_detectors_accept_pynndescent(nnd):
 def test_detectors_reject_unknown_backend(Detector):
     with pytest.raises(InvalidParameterError, match="knn_backend"):
         Detector(knn_backend="faiss").fit(np.random.RandomState(0).rand(10, 3))
+
+
+def test_group_masks_by_runs_equal_masks_by_comparison():
+    """Leave-one-out queries come sorted by group and are masked run by run; shuffled (or
+    interleaved) groups use an elementwise comparison. Both must exclude exactly the same
+    rows, and match a float64 brute force."""
+    rng = np.random.RandomState(3)
+    bank = rng.randn(700, 12).astype(np.float32)
+    bank_groups = rng.randint(0, 25, 700)
+    Q = rng.randn(400, 12).astype(np.float32)
+    q_groups = np.sort(rng.randint(0, 25, 400))
+    index = ExactIndex(bank)
+    d_runs, i_runs = index.query(Q, 4, query_groups=q_groups, bank_groups=bank_groups)
+    perm = rng.permutation(400)
+    d_cmp, i_cmp = index.query(Q[perm], 4, query_groups=q_groups[perm],
+                               bank_groups=bank_groups)
+    np.testing.assert_array_equal(i_runs[perm], i_cmp)
+    np.testing.assert_array_equal(d_runs[perm], d_cmp)
+    brute = np.sqrt(((Q[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1))
+    brute[q_groups[:, None] == bank_groups[None]] = np.inf
+    np.testing.assert_allclose(d_runs, np.sort(brute, 1)[:, :4], rtol=1e-12)
+    assert not (bank_groups[i_runs] == q_groups[:, None]).any()
