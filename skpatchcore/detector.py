@@ -317,12 +317,24 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         k = self.n_neighbors
         if k == "auto":
             k = _TABULAR_NEIGHBORS if X.ndim == 2 else 1
-        dist, nn = index.query(rows, k=k, query_groups=q_groups, bank_groups=bank_groups,
+        # Cells that repeat the cell before them (FeatureExtractor's border) are searched once
+        source = _repeated_cells(X) if X.ndim == 4 else None
+        if source is not None:
+            unique = np.flatnonzero(source == np.arange(len(source)))
+            rows, q_unique = rows[unique], None if q_groups is None else q_groups[unique]
+        else:
+            q_unique = q_groups
+        dist, nn = index.query(rows, k=k, query_groups=q_unique, bank_groups=bank_groups,
                                verbose=self.verbose)
         if k > 1:  # fewer eligible rows than k (tiny banks): average over those that exist
             dist = np.nanmean(np.where(np.isinf(dist), np.nan, dist), axis=1, keepdims=True)
-        dist = dist[:, 0].reshape(n, per_sample)
-        nn = nn[:, 0].reshape(n, per_sample)
+        dist, nn = dist[:, 0], nn[:, 0]
+        if source is not None:  # every cell takes the result of the cell it repeats
+            position = np.empty(len(source), dtype=np.int64)
+            position[unique] = np.arange(len(unique))
+            dist, nn = dist[position[source]], nn[position[source]]
+        dist = dist.reshape(n, per_sample)
+        nn = nn.reshape(n, per_sample)
         worst = np.argmax(dist, axis=1)
         s_star = dist[np.arange(n), worst]
         scores = s_star * self._reweight(
@@ -352,6 +364,29 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         return tags
+
+
+def _repeated_cells(X):
+    """For grids X (n, h, w, d): the flat index (into ``X.reshape(-1, d)``) of the first
+    cell each cell repeats exactly, through whole repeated grid rows and columns (the edge
+    rings :class:`~skpatchcore.FeatureExtractor` fills from inner cells). None when no row
+    or column repeats its predecessor."""
+    n, h, w = X.shape[:3]
+    same_row = np.zeros((n, h), dtype=bool)
+    same_col = np.zeros((n, w), dtype=bool)
+    for a in range(0, n, 64):  # bounded temporaries
+        b = min(a + 64, n)
+        same_row[a:b, 1:] = (X[a:b, 1:] == X[a:b, :-1]).all(axis=(2, 3))
+        same_col[a:b, 1:] = (X[a:b, :, 1:] == X[a:b, :, :-1]).all(axis=(1, 3))
+    if not (same_row.any() or same_col.any()):
+        return None
+    # each row (column) points at the last non-repeating one at or before it
+    steps = np.arange(h)[None, :] * ~same_row
+    rep_row = np.maximum.accumulate(steps, axis=1)
+    steps = np.arange(w)[None, :] * ~same_col
+    rep_col = np.maximum.accumulate(steps, axis=1)
+    images = np.arange(n)[:, None, None] * (h * w)
+    return (images + rep_row[:, :, None] * w + rep_col[:, None, :]).ravel()
 
 
 def upsample_maps(grids, output_size, sigma):

@@ -212,3 +212,33 @@ def test_property_score_monotone_in_distance(seed, shift):
     far[0, 0, 0] += (2.0 + shift) * direction
     det = PatchCoreDetector(n_reweight_neighbors=1).fit(train)
     assert det.score_samples(far)[0] <= det.score_samples(near)[0]
+
+
+def test_repeated_edge_cells_are_searched_once_with_identical_results():
+    """Grids whose edge rings repeat inner cells (FeatureExtractor's border) are searched
+    once per distinct cell; scores, maps and offset_ equal those of searching every cell."""
+    import skpatchcore.detector as detector_module
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(6, 9, 11, 5).astype(np.float32)
+    rows, cols = np.clip(np.arange(9), 2, 6), np.clip(np.arange(11), 1, 8)
+    X = X[:, rows][:, :, cols]
+    X[3] = rng.randn(9, 11, 5)  # one image without repeats
+    source = detector_module._repeated_cells(X)
+    assert len(np.unique(source)) == 5 * 5 * 8 + 9 * 11
+    np.testing.assert_array_equal(X.reshape(-1, 5)[source], X.reshape(-1, 5))
+    assert detector_module._repeated_cells(rng.randn(2, 4, 4, 3)) is None
+
+    train, test = X[:4], np.concatenate([X[4:], X[:1] + 0.5])
+    fast = PatchCoreDetector().fit(train)
+    scores, maps = fast.score_and_map(test)
+    original = detector_module._repeated_cells
+    detector_module._repeated_cells = lambda X: None
+    try:
+        slow = PatchCoreDetector().fit(train)
+        ref_scores, ref_maps = slow.score_and_map(test)
+    finally:
+        detector_module._repeated_cells = original
+    assert fast.offset_ == slow.offset_
+    np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(maps, ref_maps)
