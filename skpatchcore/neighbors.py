@@ -77,9 +77,35 @@ class ExactIndex:
         self.device = torch.device(device)
         self.bank = _as_tensor(bank, self.device)
         self.bank_sq = (self.bank.double() ** 2).sum(1).float()
+        self.bank_norm = self.bank_sq.sqrt()
+        # float32 rounding of |b|^2 - 2 q.b, whatever the summation order (Higham's
+        # gamma_d for the d-term dot product, plus the rounding of the other operations):
+        # |error| <= 2u |b|^2 + 2 (gamma_d + u) |q| |b|, u = 2^-24
+        u = 2.0**-24
+        d = self.bank.shape[1]
+        self._err_sq, self._err_dot = 2 * u, 2 * (d * u / (1 - d * u) + u)
 
     def __len__(self):
         return self.bank.shape[0]
+
+    def _remeasure(self, q, cand, cand_rank, k):
+        """Float64 distances ``||q - b||`` of the candidates that can still be among the k
+        nearest (inf for the others and for masked ones).
+
+        A candidate whose float32 rank, less its rounding bound, exceeds the k-th smallest rank
+        plus the largest bound is farther than k others for certain, so it is not re-measured;
+        the result equals re-measuring every candidate."""
+        bn = self.bank_norm[cand]
+        err = self._err_sq * bn * bn + self._err_dot * torch.linalg.vector_norm(
+            q, dim=1, keepdim=True) * bn
+        kth = torch.kthvalue(cand_rank, k, dim=1, keepdim=True).values
+        need = (cand_rank - err <= kth + err.max(dim=1, keepdim=True).values) & ~torch.isinf(
+            cand_rank)
+        rows, cols = need.nonzero(as_tuple=True)
+        exact = torch.full(cand.shape, torch.inf, dtype=torch.float64, device=q.device)
+        exact[rows, cols] = torch.linalg.vector_norm(
+            self.bank[cand[rows, cols]].double() - q[rows].double(), dim=1)
+        return exact
 
     def query(self, Q, k=1, *, query_groups=None, bank_groups=None, verbose=False):
         """k nearest bank rows of each query row.
@@ -127,11 +153,7 @@ class ExactIndex:
             elif masked:
                 rank.masked_fill_(qg[start:stop, None] == bg[None, :], float("inf"))
             cand_d2, cand = torch.topk(rank, kc, dim=1, largest=False, sorted=False)
-            # Re-measure candidates exactly (float64) and keep the best k.
-            exact = torch.linalg.vector_norm(
-                self.bank[cand].double() - q.double()[:, None, :], dim=2
-            )
-            exact = torch.where(torch.isinf(cand_d2), torch.inf, exact)
+            exact = self._remeasure(q, cand, cand_d2, k)
             order = torch.argsort(exact, dim=1, stable=True)[:, :k]
             best_d = torch.gather(exact, 1, order)
             best_i = torch.gather(cand, 1, order)

@@ -312,3 +312,28 @@ def test_group_masks_by_runs_equal_masks_by_comparison():
     brute[q_groups[:, None] == bank_groups[None]] = np.inf
     np.testing.assert_allclose(d_runs, np.sort(brute, 1)[:, :4], rtol=1e-12)
     assert not (bank_groups[i_runs] == q_groups[:, None]).any()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_skipped_remeasures_change_nothing(k):
+    """Candidates that float32 rounding bounds prove farther than k others are not
+    re-measured in float64; near-ties (rows 1e-4 apart, three per centre, within the k + 4
+    candidates float32 ranking pre-selects) must come out exactly as when every candidate
+    is re-measured, and as a float64 brute force."""
+    rng = np.random.RandomState(7)
+    centres = rng.randn(300, 24).astype(np.float32) * 5
+    bank = (np.repeat(centres, 3, axis=0) + 1e-4 * rng.randn(900, 24)).astype(np.float32)
+    Q = (centres[rng.randint(0, 300, 600)] + 1e-3 * rng.randn(600, 24)).astype(np.float32)
+    index = ExactIndex(bank)
+    d, i = index.query(Q, k)
+
+    def remeasure_all(q, cand, cand_rank, k):
+        exact = torch.linalg.vector_norm(index.bank[cand].double() - q.double()[:, None], dim=2)
+        return torch.where(torch.isinf(cand_rank), torch.inf, exact)
+
+    index._remeasure = remeasure_all
+    d_all, i_all = index.query(Q, k)
+    np.testing.assert_array_equal(d, d_all)
+    np.testing.assert_array_equal(i, i_all)
+    brute = np.sqrt(((Q[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(d, np.sort(brute, axis=1)[:, :k], rtol=1e-12)
