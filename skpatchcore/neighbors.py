@@ -6,7 +6,11 @@ by ranking ``|b|^2 - 2 q.b`` in float32 (``|q - b|^2`` less the row constant ``|
 squared distance is ever used as a distance, so none can come out negative), then the best
 few candidates are re-measured as ``||q - b||`` in float64 and re-ranked, so returned
 distances are exact to float64 rounding of the float32 inputs and a query equal to a bank row
-gets exactly 0.
+gets exactly 0. Only candidates that a float32 rounding bound cannot rule out are
+re-measured. The k + 4 candidates come from the float32 ranking, so a true neighbour can be
+missed only when more than 4 other rows lie within float32 rounding of it (ranks equal to
+about 1e-5 of ``|q| |b|``): near-duplicate rows, whose distances then differ by about as
+much.
 
 :class:`NNDescentIndex` is approximate: a pynndescent k-neighbour graph proposes candidates,
 which are re-measured and re-ranked the same way, so its distances are exact for the rows it
