@@ -306,9 +306,26 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """Image anomaly scores s (n,) and patch-distance grids (n, ...) for X.
 
         With query_groups/bank_groups, bank rows of the query's own group are excluded.
+        Samples are scored a bounded number of rows at a time (each sample on its own).
         """
-        index = self._get_index()
         n = X.shape[0]
+        per_row = int(np.prod(X.shape[1:-1], dtype=np.int64))
+        step = max(1, _LOO_CHUNK_ROWS // per_row)
+        if n > step:
+            parts = []
+            bar = progress(total=n, desc="search", unit="sample", disable=not self.verbose)
+            verbose, self.verbose = self.verbose, False
+            try:
+                for a in range(0, n, step):
+                    groups = None if query_groups is None else query_groups[a : a + step]
+                    parts.append(self._anomaly_scores(X[a : a + step], groups, bank_groups))
+                    bar.update(len(parts[-1][0]))
+            finally:
+                self.verbose = verbose
+                bar.close()
+            return (np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]))
+        index = self._get_index()
         grid_shape = X.shape[1:-1]
         patches = X.reshape(n, -1, X.shape[-1])
         per_sample = patches.shape[1]

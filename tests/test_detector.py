@@ -242,3 +242,24 @@ def test_repeated_edge_cells_are_searched_once_with_identical_results():
     assert fast.offset_ == slow.offset_
     np.testing.assert_array_equal(scores, ref_scores)
     np.testing.assert_array_equal(maps, ref_maps)
+
+
+def test_many_samples_are_scored_in_bounded_chunks_with_identical_results(monkeypatch):
+    import skpatchcore.detector as detector_module
+
+    rng = np.random.RandomState(1)
+    train, test = rng.randn(5, 4, 4, 6), rng.randn(9, 4, 4, 6)
+    det = PatchCoreDetector().fit(train)
+    scores, maps = det.score_and_map(test)
+    rows = rng.randn(50, 3)
+    tab = PatchCoreDetector(contamination=0.1).fit(rows)
+    tab_scores = tab.score_samples(rows)
+    monkeypatch.setattr(detector_module, "_LOO_CHUNK_ROWS", 20)  # 1 image, 20 rows a chunk
+    chunked = PatchCoreDetector().fit(train)
+    assert chunked.offset_ == det.offset_
+    s2, m2 = chunked.score_and_map(test)
+    np.testing.assert_array_equal(s2, scores)
+    np.testing.assert_array_equal(m2, maps)
+    tab2 = PatchCoreDetector(contamination=0.1).fit(rows)
+    assert tab2.offset_ == tab.offset_
+    np.testing.assert_array_equal(tab2.score_samples(rows), tab_scores)
