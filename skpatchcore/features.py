@@ -116,7 +116,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         small inputs (grids under 16 cells, e.g. 120 px) keep every cell (see ``border_``).
     batch_size : int, default=8
         Images per forward pass. Activations dominate memory: on the CPU at 320 px each
-        image in a batch costs about 35 MB, and larger batches are not faster.
+        image in a batch costs about 30-45 MB (docs/benchmarks.md, "Whole pipeline").
     device : str, default="auto"
         Torch device; "auto" uses CUDA when available, else the CPU. Output is always a numpy
         array in host memory.
