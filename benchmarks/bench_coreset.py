@@ -152,15 +152,19 @@ def run_worker(spec):
     return result
 
 
-def machine_line(device):
-    cpu = platform.processor() or "?"
+def cpu_name():
+    """The CPU model from /proc/cpuinfo, else platform.processor()."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "?"
+
+
+def machine_line(device):
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
     return (f"Machine: {os.cpu_count()} cores ({cpu}), torch {torch.__version__} with "

@@ -41,28 +41,19 @@ Example::
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_coreset import make_features
+from bench_coreset import cpu_name, make_features
 
 PATCHES_PER_IMAGE = 1600
 
 
 def machine_line():
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import numba
     import pynndescent
     import sklearn

@@ -21,7 +21,7 @@ __all__ = ["PatchCoreDetector"]
 
 # n_neighbors='auto' on tabular rows, as LocalOutlierFactor's default.
 _TABULAR_NEIGHBORS = 20
-# Query rows per leave-one-out chunk while fitting (65536 x 152 float32 = 40 MB).
+# Query rows scored per chunk, in fit and in scoring (65536 x 152 float32 = 40 MB).
 _LOO_CHUNK_ROWS = 65536
 
 
@@ -175,7 +175,9 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             )
         self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
         self._index = None
-        train_scores = -self._loo_scores(source, bank_groups)
+        # leave-one-out: each training sample against the bank without its own rows
+        train_scores = -self._anomaly_scores(source, np.arange(n_train), bank_groups,
+                                             desc="train scores")[0]
         self.offset_ = contamination_offset(train_scores, self.contamination,
                                             "PatchCoreDetector")
         return self
@@ -276,50 +278,27 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             "bank_groups": np.arange(self.memory_bank_.shape[0]),
         }
 
-    def _loo_scores(self, source, bank_groups):
-        """Leave-one-out anomaly scores of the training samples, a few samples at a time.
-
-        ``source`` is an ndarray or a :class:`~skpatchcore.coreset.SpilledFeatures`; only
-        about ``_LOO_CHUNK_ROWS`` query rows are materialised at once.
-        """
-        n_train = source.shape[0]
-        per_sample = int(np.prod(source.shape[1:-1], dtype=np.int64))
-        step = max(1, _LOO_CHUNK_ROWS // per_sample)
-        scores = np.empty(n_train, dtype=np.float64)
-        bar = progress(total=n_train, desc="train scores", unit="sample",
-                       disable=not self.verbose or n_train == 1)
-        verbose, self.verbose = self.verbose, False
-        try:
-            for start in range(0, n_train, step):
-                stop = min(start + step, n_train)
-                chunk = np.asarray(source[start:stop], dtype=np.float32)
-                scores[start:stop] = self._anomaly_scores(
-                    chunk, query_groups=np.arange(start, stop), bank_groups=bank_groups
-                )[0]
-                bar.update(stop - start)
-        finally:
-            self.verbose = verbose
-            bar.close()
-        return scores
-
-    def _anomaly_scores(self, X, query_groups=None, bank_groups=None):
+    def _anomaly_scores(self, X, query_groups=None, bank_groups=None, desc="search"):
         """Image anomaly scores s (n,) and patch-distance grids (n, ...) for X.
 
         With query_groups/bank_groups, bank rows of the query's own group are excluded.
-        Samples are scored a bounded number of rows at a time (each sample on its own).
+        Samples are scored a bounded number of rows at a time (each sample on its own); X
+        may also be a :class:`~skpatchcore.coreset.SpilledFeatures`, read chunk by chunk.
         """
         n = X.shape[0]
         per_row = int(np.prod(X.shape[1:-1], dtype=np.int64))
         step = max(1, _LOO_CHUNK_ROWS // per_row)
-        if n > step:
+        if n > step or not isinstance(X, np.ndarray):
             parts = []
-            bar = progress(total=n, desc="search", unit="sample", disable=not self.verbose)
+            bar = progress(total=n, desc=desc, unit="sample",
+                           disable=not self.verbose or n == 1)
             verbose, self.verbose = self.verbose, False
             try:
                 for a in range(0, n, step):
                     groups = None if query_groups is None else query_groups[a : a + step]
-                    parts.append(self._anomaly_scores(X[a : a + step], groups, bank_groups))
-                    bar.update(len(parts[-1][0]))
+                    chunk = np.asarray(X[a : a + step], dtype=np.float32)
+                    parts.append(self._anomaly_scores(chunk, groups, bank_groups))
+                    bar.update(len(chunk))
             finally:
                 self.verbose = verbose
                 bar.close()
