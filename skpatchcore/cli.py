@@ -49,6 +49,26 @@ def _border(text):
                                          f"{text!r}") from None
 
 
+def add_feature_arguments(parser):
+    """The method and feature-extractor options shared by ``fit`` and ``evaluate``."""
+    parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
+    parser.add_argument("--backbone", default="efficientnet_lite2")
+    parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
+    parser.add_argument("--patch-size", type=int, default=3)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="image pyramid, e.g. 1 0.75 0.5 (default: one scale)")
+    parser.add_argument("--border", type=_border, default="auto",
+                        help="edge cell rings given inner features ('auto' or an integer)")
+
+
+def feature_params(args):
+    """FeatureExtractor parameters from the options of :func:`add_feature_arguments`."""
+    return {"backbone": args.backbone, "image_size": args.image_size,
+            "resize_mode": args.resize_mode, "patch_size": args.patch_size,
+            "border": args.border, "scales": tuple(args.scales)}
+
+
 def _cmd_fit(args):
     from .persistence import save_model
     from .pipeline import make_anomaly_pipeline
@@ -56,9 +76,7 @@ def _cmd_fit(args):
     train = _collect_images(args.train_dir)
     params = {"sampling_ratio": args.coreset_ratio} if args.method != "padim" else {}
     pipe = make_anomaly_pipeline(
-        args.method, **params,
-        backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-        patch_size=args.patch_size, border=args.border,
+        args.method, **params, **feature_params(args),
         contamination=_contamination(args.contamination),
         random_state=args.random_state, device=args.device, verbose=not args.quiet,
     )
@@ -153,13 +171,7 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a model on a folder of good images")
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
-    fit.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
-    fit.add_argument("--backbone", default="efficientnet_lite0")
-    fit.add_argument("--image-size", type=int, default=320)
-    fit.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
-    fit.add_argument("--patch-size", type=int, default=3)
-    fit.add_argument("--border", type=_border, default="auto",
-                     help="edge cell rings given inner features ('auto' or an integer)")
+    add_feature_arguments(fit)
     fit.add_argument("--coreset-ratio", type=float, default=0.01)
     fit.add_argument("--contamination", default="auto")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",

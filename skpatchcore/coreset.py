@@ -116,16 +116,6 @@ def _projection_matrix(d, dim, random_state, device):
     return (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
 
 
-def random_projection(rows, dim, random_state, device):
-    """Project rows (N, d) to (N, dim) with a seeded Gaussian matrix, in chunks."""
-    matrix = _projection_matrix(rows.shape[1], dim, random_state, device)
-    out = torch.empty((rows.shape[0], dim), dtype=torch.float32, device=device)
-    for start in range(0, rows.shape[0], _PROJECT_CHUNK):
-        chunk = torch.from_numpy(rows[start : start + _PROJECT_CHUNK]).to(device)
-        out[start : start + len(chunk)] = chunk @ matrix
-    return out
-
-
 class SpilledFeatures:
     """Feature grids written batch by batch to an anonymous temporary file.
 

@@ -56,8 +56,9 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     Returns
     -------
     results : dict
-        image_auroc, pixel_auroc, aupro, fit_seconds, ms_per_image, peak_rss_mb, counts and
-        the parameters used.
+        image_auroc, pixel_auroc, aupro, fit_seconds, ms_per_image, peak_rss_mb, counts, the
+        parameters used, and image_auroc_by_type / pixel_auroc_by_type (each defect type's
+        test images, or their pixels, against the good test images).
     pipeline : PatchCorePipeline
         Only with ``return_model=True``.
     """
@@ -94,13 +95,20 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "peak_rss_mb": _peak_rss_mb(),
         "params": {k: v for k, v in pipe.get_params().items() if "__" in k},
     }
+    # each defect type against the good test images: that type's images and the good ones
     types = np.asarray(data.defect_type)
     good = types == "good"
+    defect_types = sorted(set(types) - {"good"})
     results["image_auroc_by_type"] = {
         t: image_auroc(np.r_[np.zeros(good.sum()), np.ones((types == t).sum())],
                        np.r_[-scores[good], -scores[types == t]])
-        for t in sorted(set(types) - {"good"})
+        for t in defect_types
     }
+    results["pixel_auroc_by_type"] = {}
+    for t in defect_types:
+        pick = np.flatnonzero(good | (types == t))
+        results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
+                                                        [maps[i] for i in pick])
     if save_maps is not None:
         from .visualize import save_overlays
 
@@ -110,7 +118,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
 
 
 def _parse(argv):
-    from .cli import _border
+    from .cli import add_feature_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m skpatchcore.evaluate",
@@ -118,13 +126,7 @@ def _parse(argv):
     )
     parser.add_argument("root", help="MVTec-layout dataset folder")
     parser.add_argument("--category", help="sub-folder of ROOT holding train/ test/")
-    parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--image-size", type=int, default=320)
-    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
-    parser.add_argument("--patch-size", type=int, default=3)
-    parser.add_argument("--border", type=_border, default="auto",
-                        help="edge cell rings given inner features ('auto' or an integer)")
+    add_feature_arguments(parser)
     parser.add_argument("--sampling-ratio", type=float, default=0.01)
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -135,14 +137,14 @@ def _parse(argv):
 
 
 def main(argv=None):
+    from .cli import feature_params
+
     args = _parse(argv)
     try:
         params = {"sampling_ratio": args.sampling_ratio} if args.method != "padim" else {}
         results = evaluate(
             args.root, method=args.method, category=args.category, save_maps=args.save_maps,
-            backbone=args.backbone, image_size=args.image_size, resize_mode=args.resize_mode,
-            patch_size=args.patch_size, border=args.border, random_state=args.random_state,
-            device=args.device,
+            **feature_params(args), random_state=args.random_state, device=args.device,
             verbose=not args.quiet, **params,
         )
     except (FileNotFoundError, ValueError) as exc:

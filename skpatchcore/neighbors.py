@@ -444,8 +444,7 @@ def make_index(bank, backend="auto", device="cpu", random_state=None):
         )
     device = torch.device(device)
     if backend == "auto":
-        shape = tuple(bank.shape)
-        if _auto_backend(shape[0], device) == "exact":
+        if _auto_backend(bank.shape[0], device) == "exact":
             return ExactIndex(bank, device)
         try:
             return NNDescentIndex(bank, device, random_state=random_state)

@@ -27,8 +27,8 @@ __all__ = ["load_model", "save_model"]
 
 FORMAT_VERSION = 1
 # class -> {parameter: value that reproduces models saved before it existed}
-_ADDED_PARAMS = {"FeatureExtractor": {"border": 0}}
-_ADDED_FITTED = {"FeatureExtractor": {"border_": 0}}
+_ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,)}}
+_ADDED_FITTED = {"FeatureExtractor": {"border_": 0, "scales_": (1.0,)}}
 _META_KEY = "__skpatchcore_meta__"
 
 

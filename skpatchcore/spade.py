@@ -74,14 +74,8 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         (anomaly score above Q3 + 1.5 IQR of the training anomaly scores), as
         :class:`PatchCoreDetector`.
     knn_backend : {'auto', 'exact', 'pynndescent'}, default='auto'
-        Nearest-neighbour search. 'exact' is chunked brute force on all cores or the GPU.
-        'pynndescent' is approximate (a seeded pynndescent graph on CPU; recall@1 about
-        0.996 on patch features, and a missed neighbour makes a distance too large);
-        returned distances are still true distances to the returned rows, and
-        leave-one-out scoring never matches a sample with itself. 'auto' is exact on CUDA,
-        and on CPU pynndescent only for banks of more than 200 000 rows
-        (``n_rows > 2e5``), where it measured about 20x faster than exact search per
-        query; exact otherwise.
+        Nearest-neighbour search for both banks, as in :class:`PatchCoreDetector` ('auto':
+        exact on CUDA, and on CPU exact up to 200 000 bank rows, pynndescent above).
     device : str, default="auto"
         Where the banks live during search; "auto" uses CUDA when available.
 

@@ -91,3 +91,14 @@ def test_fit_predict_other_methods(folders, tmp_path, method):
     rows = list(csv.DictReader(open(out / "scores.csv")))
     scores = np.array([float(r["score"]) for r in rows])
     assert scores[4:].max() < scores[:4].min()  # defective parts score lower
+
+
+def test_fit_with_an_image_pyramid(folders, tmp_path):
+    path = tmp_path / "pyramid.npz"
+    assert main(["fit", str(folders / "good"), "-o", str(path), "--image-size", "64",
+                 "--scales", "1", "0.5", "--coreset-ratio", "0.1", "--quiet"]) == 0
+    features = load_model(path)[0]
+    assert tuple(features.scales_) == (1.0, 0.5)
+    assert features.feature_dim_ == 2 * 168  # two levels of Lite2 blocks.2 + blocks.4
+    assert main(["fit", str(folders / "good"), "-o", str(path), "--scales", "0.5",
+                 "--quiet"]) == 2

@@ -254,7 +254,7 @@ def test_many_samples_are_scored_in_bounded_chunks_with_identical_results(monkey
     rows = rng.randn(50, 3)
     tab = PatchCoreDetector(contamination=0.1).fit(rows)
     tab_scores = tab.score_samples(rows)
-    monkeypatch.setattr(detector_module, "_LOO_CHUNK_ROWS", 20)  # 1 image, 20 rows a chunk
+    monkeypatch.setattr(detector_module, "_SCORE_CHUNK_ROWS", 20)  # 1 image, 20 rows a chunk
     chunked = PatchCoreDetector().fit(train)
     assert chunked.offset_ == det.offset_
     s2, m2 = chunked.score_and_map(test)

@@ -33,6 +33,9 @@ def test_evaluate_reports_the_fields_metrics(tiny_mvtec, tmp_path):
     assert res["image_auroc"] > 0.9
     assert res["pixel_auroc"] > 0.9
     assert res["aupro@0.3"] > 0.5
+    # one defect type: against the good images it is the whole test set
+    assert res["image_auroc_by_type"] == {"spot": pytest.approx(res["image_auroc"], abs=1e-12)}
+    assert res["pixel_auroc_by_type"] == {"spot": pytest.approx(res["pixel_auroc"], abs=1e-12)}
     assert res["fit_seconds"] > 0 and res["ms_per_image"] > 0 and res["peak_rss_mb"] > 50
     overlays = sorted((tmp_path / "maps").glob("*_overlay.png"))
     assert len(overlays) == 16

@@ -17,8 +17,8 @@ def fitted():
 
 def test_shapes_dtype_and_attributes(fitted, rng_images):
     F = fitted.transform(rng_images)
-    assert F.shape == (3, 6, 6, 152) and F.dtype == np.float32
-    assert fitted.grid_shape_ == (6, 6) and fitted.feature_dim_ == 152 and fitted.stride_ == 8
+    assert F.shape == (3, 6, 6, 168) and F.dtype == np.float32
+    assert fitted.grid_shape_ == (6, 6) and fitted.feature_dim_ == 168 and fitted.stride_ == 8
     assert fitted.layers_ == ["blocks.2", "blocks.4"]
     assert len(fitted.weights_sha256_) == 64
     assert np.isfinite(F).all() and F.std() > 0.01
@@ -45,7 +45,7 @@ def test_images_of_different_sizes_are_resized(fitted):
     rng = np.random.RandomState(1)
     X = [(rng.rand(h, w, 3) * 255).astype(np.uint8) for h, w in ((30, 60), (48, 48), (100, 20))]
     F = fitted.transform(X)
-    assert F.shape == (3, 6, 6, 152)
+    assert F.shape == (3, 6, 6, 168)
     # each image's features are those of the image alone
     np.testing.assert_allclose(F[2], fitted.transform(X[2][None])[0], atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_patch_size_averages_neighbourhood():
 def test_crop_and_rectangular_size():
     X = np.zeros((1, 50, 80, 3), np.uint8)
     fe = FeatureExtractor(image_size=(64, 96), crop_size=(48, 64)).fit()
-    assert fe.transform(X).shape == (1, 6, 8, 152)
+    assert fe.transform(X).shape == (1, 6, 8, 168)
     with pytest.raises(ValueError, match="crop_size.*larger than image_size"):
         FeatureExtractor(image_size=32, crop_size=48).fit()
 
@@ -167,3 +167,27 @@ def test_border_follows_the_image_inside_the_letterbox_and_crop():
     sliver = (rng.rand(1, 2, 64, 3) * 255).astype(np.uint8)
     Fs = FeatureExtractor(image_size=64, border=1).fit_transform(sliver)
     assert (Fs[0] == Fs[0, 4:5]).all()
+
+
+def test_pyramid_levels_are_the_downscaled_inputs_features():
+    """scales=(1.0, 0.5): the first block is the one-scale feature, the second the features of
+    the half-size input, upsampled to the same grid."""
+    rng = np.random.RandomState(3)
+    X = (rng.rand(2, 64, 64, 3) * 255).astype(np.uint8)
+    pyr = FeatureExtractor(image_size=64, border=0, scales=(1.0, 0.5)).fit()
+    assert pyr.scales_ == (1.0, 0.5) and pyr.feature_dim_ == 2 * 168
+    F = pyr.transform(X)
+    assert F.shape == (2, 8, 8, 336)
+    one = FeatureExtractor(image_size=64, border=0).fit().transform(X)
+    np.testing.assert_allclose(F[..., :168], one, atol=1e-5)
+    half = FeatureExtractor(image_size=32, border=0).fit().transform(X)
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(half).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear",
+        align_corners=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(F[..., 168:], up, atol=1e-4)
+
+
+@pytest.mark.parametrize("scales", [(0.5,), (1.0, 0.0), (1.0, 1.5), (1.0, 1.0), (), ("a",)])
+def test_bad_scales_are_refused(scales):
+    with pytest.raises(ValueError, match="scales=.*starting with 1.0"):
+        FeatureExtractor(image_size=64, scales=scales).fit()

@@ -112,8 +112,9 @@ def test_unsaveable_parameters_say_what_to_do(tmp_path):
 
 
 def test_files_from_before_the_border_parameter_keep_their_features(defects, tmp_path):
-    """A model saved before FeatureExtractor had ``border`` used no border replacement; it
-    must load with border=0, not today's default, so its scores do not change."""
+    """A model saved before FeatureExtractor had ``border`` (and ``scales``) used no border
+    replacement and one scale; it must load with border=0 and scales=(1.0,), not today's
+    defaults, so its scores do not change."""
     import json
 
     from skpatchcore.persistence import _META_KEY
@@ -126,8 +127,19 @@ def test_files_from_before_the_border_parameter_keep_their_features(defects, tmp
     meta = json.loads(arrays[_META_KEY].tobytes().decode("utf-8"))
     features = meta["model"]["steps"][0][1]
     del features["params"]["border"], features["fitted"]["border_"]
+    del features["params"]["scales"], features["fitted"]["scales_"]
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     np.savez(tmp_path / "legacy.npz", **arrays)
     loaded = load_model(tmp_path / "legacy.npz")
     assert loaded[0].border == 0 and loaded[0].border_ == 0
+    assert tuple(loaded[0].scales) == (1.0,) and tuple(loaded[0].scales_) == (1.0,)
     np.testing.assert_array_equal(loaded.score_samples(X[8:12]), old.score_samples(X[8:12]))
+
+
+def test_pyramid_model_round_trips(defects, tmp_path):
+    X, _, _ = defects
+    pipe = make_patchcore(image_size=64, scales=(1.0, 0.5), sampling_ratio=0.1,
+                          random_state=0).fit(X[:8])
+    loaded = load_model(save_model(pipe, tmp_path / "pyramid.npz"))
+    assert tuple(loaded[0].scales_) == (1.0, 0.5) and loaded[0].feature_dim_ == 2 * 168
+    np.testing.assert_array_equal(loaded.score_samples(X[8:12]), pipe.score_samples(X[8:12]))
