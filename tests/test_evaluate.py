@@ -52,6 +52,17 @@ def test_cli_writes_json_and_fails_cleanly(tiny_mvtec, tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+    assert main([str(tiny_mvtec), "--sigma", "-1", "--quiet"]) == 2
+    assert "sigma=-1.0" in capsys.readouterr().err
+
+
+def test_sigma_smooths_maps_but_leaves_image_scores(tiny_mvtec):
+    params = dict(image_size=64, sampling_ratio=0.1, random_state=0)
+    sharp = evaluate(tiny_mvtec, sigma=0.0, **params)
+    smooth = evaluate(tiny_mvtec, sigma=8.0, **params)
+    assert (sharp["sigma"], smooth["sigma"]) == (0.0, 8.0)
+    assert sharp["image_auroc"] == smooth["image_auroc"]
+    assert sharp["pixel_auroc"] != smooth["pixel_auroc"]
 
 
 def test_colorize_is_ordered():
