@@ -172,7 +172,9 @@ def _parser():
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     add_feature_arguments(fit)
-    fit.add_argument("--coreset-ratio", type=float, default=0.01)
+    fit.add_argument("--coreset-ratio", "--sampling-ratio", dest="coreset_ratio", type=float,
+                     default=0.01,
+                     help="fraction of training patches kept in the memory bank (default 0.01)")
     fit.add_argument("--contamination", default="auto")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",
                      help="held-out good images: set the threshold for --fpr")

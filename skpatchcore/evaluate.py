@@ -133,7 +133,10 @@ def _parse(argv):
     parser.add_argument("root", help="MVTec-layout dataset folder")
     parser.add_argument("--category", help="sub-folder of ROOT holding train/ test/")
     add_feature_arguments(parser)
-    parser.add_argument("--sampling-ratio", type=float, default=0.01)
+    parser.add_argument("--sampling-ratio", "--coreset-ratio", dest="sampling_ratio",
+                        type=float, default=0.01,
+                        help="fraction of training patches kept in the memory bank (default "
+                             "0.01)")
     parser.add_argument("--sigma", type=float, default=4.0,
                         help="map smoothing: Gaussian standard deviation in network-input "
                              "pixels, 0 for none (default 4)")

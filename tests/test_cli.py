@@ -102,3 +102,13 @@ def test_fit_with_an_image_pyramid(folders, tmp_path):
     assert features.feature_dim_ == 2 * 168  # two levels of Lite2 blocks.2 + blocks.4
     assert main(["fit", str(folders / "good"), "-o", str(path), "--scales", "0.5",
                  "--quiet"]) == 2
+
+
+def test_fit_and_evaluate_accept_both_spellings_of_the_coreset_ratio():
+    from skpatchcore.cli import _parser
+    from skpatchcore.evaluate import _parse
+
+    for flag in ("--coreset-ratio", "--sampling-ratio"):
+        args = _parser().parse_args(["fit", "good", "-o", "m.npz", flag, "0.05"])
+        assert args.coreset_ratio == 0.05
+        assert _parse(["root", flag, "0.05"]).sampling_ratio == 0.05
