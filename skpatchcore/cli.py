@@ -49,24 +49,40 @@ def _border(text):
                                          f"{text!r}") from None
 
 
-def add_feature_arguments(parser):
-    """The method and feature-extractor options shared by ``fit`` and ``evaluate``."""
+def add_model_arguments(parser):
+    """The model options shared by ``fit`` and ``evaluate``: the method, the feature
+    extractor's options (defaults read from :class:`FeatureExtractor`), the coreset ratio,
+    the random state and the device."""
+    from .features import FeatureExtractor
+
+    defaults = FeatureExtractor().get_params()
     parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
-    parser.add_argument("--backbone", default="efficientnet_lite2")
-    parser.add_argument("--image-size", type=int, default=320)
-    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"], default="letterbox")
-    parser.add_argument("--patch-size", type=int, default=3)
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+    parser.add_argument("--backbone", default=defaults["backbone"])
+    parser.add_argument("--image-size", type=int, default=defaults["image_size"])
+    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"],
+                        default=defaults["resize_mode"])
+    parser.add_argument("--patch-size", type=int, default=defaults["patch_size"])
+    parser.add_argument("--scales", type=float, nargs="+", default=list(defaults["scales"]),
                         help="image pyramid, e.g. 1 0.75 0.5 (default: one scale)")
-    parser.add_argument("--border", type=_border, default="auto",
+    parser.add_argument("--border", type=_border, default=defaults["border"],
                         help="edge cell rings given inner features ('auto' or an integer)")
+    parser.add_argument("--sampling-ratio", "--coreset-ratio", dest="sampling_ratio",
+                        type=float, default=0.01,
+                        help="fraction of training patches kept in the memory bank (default "
+                             "0.01; ignored by padim)")
+    parser.add_argument("--random-state", type=int, default=0)
+    parser.add_argument("--device", default="auto")
 
 
-def feature_params(args):
-    """FeatureExtractor parameters from the options of :func:`add_feature_arguments`."""
-    return {"backbone": args.backbone, "image_size": args.image_size,
-            "resize_mode": args.resize_mode, "patch_size": args.patch_size,
-            "border": args.border, "scales": tuple(args.scales)}
+def model_params(args):
+    """make_anomaly_pipeline parameters from the options of :func:`add_model_arguments`."""
+    params = {"backbone": args.backbone, "image_size": args.image_size,
+              "resize_mode": args.resize_mode, "patch_size": args.patch_size,
+              "border": args.border, "scales": tuple(args.scales),
+              "random_state": args.random_state, "device": args.device}
+    if args.method != "padim":  # PaDiM keeps every training grid: no coreset step
+        params["sampling_ratio"] = args.sampling_ratio
+    return params
 
 
 def _cmd_fit(args):
@@ -74,11 +90,9 @@ def _cmd_fit(args):
     from .pipeline import make_anomaly_pipeline
 
     train = _collect_images(args.train_dir)
-    params = {"sampling_ratio": args.coreset_ratio} if args.method != "padim" else {}
     pipe = make_anomaly_pipeline(
-        args.method, **params, **feature_params(args),
-        contamination=_contamination(args.contamination),
-        random_state=args.random_state, device=args.device, verbose=not args.quiet,
+        args.method, **model_params(args), contamination=_contamination(args.contamination),
+        verbose=not args.quiet,
     )
     start = time.perf_counter()
     pipe.fit(train)
@@ -171,17 +185,12 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a model on a folder of good images")
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
-    add_feature_arguments(fit)
-    fit.add_argument("--coreset-ratio", "--sampling-ratio", dest="coreset_ratio", type=float,
-                     default=0.01,
-                     help="fraction of training patches kept in the memory bank (default 0.01)")
+    add_model_arguments(fit)
     fit.add_argument("--contamination", default="auto")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",
                      help="held-out good images: set the threshold for --fpr")
     fit.add_argument("--fpr", type=float, default=0.01,
                      help="target false-positive rate for --calibrate (default 0.01)")
-    fit.add_argument("--random-state", type=int, default=0)
-    fit.add_argument("--device", default="auto")
     fit.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     fit.set_defaults(func=_cmd_fit)
 

@@ -385,13 +385,21 @@ def _repeated_cells(X):
     return (images + rep_row[:, :, None] * w + rep_col[:, None, :]).ravel()
 
 
+def check_sigma(sigma):
+    """ValueError unless ``sigma`` (the maps' Gaussian smoothing) is None, 0 or positive."""
+    if sigma is not None and not sigma >= 0:
+        raise ValueError(f"sigma={sigma!r}: the map smoothing must be 0 (off) or a positive "
+                         "standard deviation in pixels.")
+
+
 def upsample_maps(grids, output_size, sigma):
     """Bilinearly upsample (n, h, w) grids to output_size and Gaussian-smooth them."""
+    check_sigma(sigma)
     h, w = output_size
     t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
     up = F.interpolate(t, size=(int(h), int(w)), mode="bilinear", align_corners=False)
     up = up[:, 0].numpy()
-    if sigma and sigma > 0:
+    if sigma:
         # truncate=4 sigma, as the reference implementation's blur
         up = np.stack([gaussian_filter(m, sigma=sigma, truncate=4.0) for m in up])
     return up.astype(np.float32)

@@ -138,9 +138,10 @@ class ExactIndex:
         kc = min(k + _RERANK_EXTRA, m)
         masked = query_groups is not None and bank_groups is not None
         if masked:
-            qg = torch.as_tensor(np.asarray(query_groups), device=self.device)
-            bg = torch.as_tensor(np.asarray(bank_groups), device=self.device)
             runs = _group_runs(np.asarray(query_groups), np.asarray(bank_groups))
+            if runs is None:  # groups not in runs: mask by comparing them
+                qg = torch.as_tensor(np.asarray(query_groups), device=self.device)
+                bg = torch.as_tensor(np.asarray(bank_groups), device=self.device)
         dist = np.empty((n, k), dtype=np.float64)
         idx = np.empty((n, k), dtype=np.int64)
         rows = max(1, _BLOCK_ELEMENTS // max(m, 1))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 from sklearn.pipeline import Pipeline
 from sklearn.utils.metaestimators import available_if
 
 from ._images import check_images
 from .coreset import CoresetSampler
-from .detector import PatchCoreDetector
+from .detector import PatchCoreDetector, upsample_maps
 from .features import FeatureExtractor, _as_hw, frame_geometry
 
 __all__ = ["PatchCorePipeline", "make_anomaly_pipeline", "make_patchcore"]
@@ -162,12 +161,9 @@ def _grids_to_images(grids, sizes, extractor, sigma):
     mode = extractor.resize_mode
     crop = _as_hw(extractor.crop_size, "crop_size")
     net_in = crop if crop is not None else resized
-    t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
-    up = F.interpolate(t, size=net_in, mode="bilinear", align_corners=False)[:, 0].numpy()
+    up = upsample_maps(grids, net_in, sigma)
     out = []
     for amap, (h, w) in zip(up, sizes, strict=True):
-        if sigma and sigma > 0:
-            amap = gaussian_filter(amap, sigma=sigma, truncate=4.0)
         if crop is not None:
             frame = np.zeros(resized, dtype=np.float32)
             top, left = (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2

@@ -110,5 +110,5 @@ def test_fit_and_evaluate_accept_both_spellings_of_the_coreset_ratio():
 
     for flag in ("--coreset-ratio", "--sampling-ratio"):
         args = _parser().parse_args(["fit", "good", "-o", "m.npz", flag, "0.05"])
-        assert args.coreset_ratio == 0.05
+        assert args.sampling_ratio == 0.05
         assert _parse(["root", flag, "0.05"]).sampling_ratio == 0.05

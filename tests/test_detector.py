@@ -166,6 +166,9 @@ def test_predict_map_units_and_upsampling():
     assert nosmooth.max() <= grid.max() + 1e-6
     with pytest.raises(ValueError, match="shape"):
         det.predict_map(test.reshape(-1, 6))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma="):
+            det.predict_map(test, output_size=(32, 48), sigma=bad)
 
 
 def test_feature_mismatch_and_bad_input():

@@ -163,6 +163,8 @@ def test_patchcore_pipeline_maps_at_original_resolution(defects):
     masks_pred = pipe.predict_mask(X[24:])
     assert masks_pred.dtype == bool and masks_pred.shape == (12, 64, 64)
     assert masks_pred[masks[24:]].mean() > masks_pred[~masks[24:]].mean()
+    with pytest.raises(ValueError, match="sigma=-2"):
+        pipe.predict_map(X[24:26], sigma=-2)
     assert not pipe.predict_mask(X[16:24]).mean() > 0.05
 
 
