@@ -168,7 +168,6 @@ def _build(method, args, n_channels):
 def _run_method(method, args, folder):
     from skpatchcore.datasets import image_shapes, load_masks, load_mvtec
     from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
-    from skpatchcore.pipeline import _grids_to_images
 
     data = load_mvtec(args.root, args.category, allow_missing_masks=True)
     baseline_rss = _peak_rss_mb()  # interpreter, torch and skpatchcore, before any data
@@ -198,7 +197,7 @@ def _run_method(method, args, folder):
     scores, grids = np.concatenate(scores), np.concatenate(grids)
 
     sizes = image_shapes(data.test)
-    maps = _grids_to_images(grids, sizes, _extractor(args), args.sigma)
+    maps = _extractor(args).fit().maps_to_images(grids, sizes, args.sigma)
     masks = load_masks(data.mask_paths, sizes)
     is_anomalous = np.asarray(data.y_test) == -1
     return {

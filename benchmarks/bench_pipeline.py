@@ -13,8 +13,12 @@ scores:
   exact nearest neighbour over the bank (``torch.cdist``, like a flat L2 index);
 - ``ours``: ``make_patchcore(sampling_ratio=..., backbone=...)`` with its other defaults
   (streamed fit, leave-one-out training scores for ``offset_`` included);
+- ``plain Pipeline``: the same three steps in scikit-learn's own ``Pipeline`` (what the
+  README shows); it must fit the same model in the same bounded memory as ``ours``;
 - ``ours @224``: the same with the reference's preprocessing (``image_size=256,
   crop_size=224, resize_mode='stretch'``), the like-for-like row.
+
+``--rows`` picks the rows to run (default: all four).
 
 Scoring is timed twice: end to end from image files (decode, features, search, image
 score), and for the nearest-neighbour step alone on precomputed features.
@@ -90,13 +94,15 @@ class ReferencePatchCore:
         """1024-d patch features (n, 28 * 28, 1024), float32."""
         import torch.nn.functional as F
 
+        from skpatchcore._geometry import Geometry
         from skpatchcore._images import check_images
 
         fe, images = self.fe, check_images(images)
+        geometry = Geometry(256, "stretch", 224)
         out = []
         with torch.inference_mode():
             for start in range(0, len(images), 16):
-                batch = torch.stack([fe._prepare(images[i])
+                batch = torch.stack([geometry.to_input(images[i])
                                      for i in range(start, min(start + 16, len(images)))])
                 maps = fe._network((batch - fe._mean) / fe._std)
                 size = maps[0].shape[-2:]
@@ -148,6 +154,10 @@ def worker(spec):
         model = make_patchcore(sampling_ratio=spec["ratio"], random_state=0,
                                backbone=spec["backbone"],
                                **spec.get("params", {}))
+        if spec["name"] == "plain Pipeline":
+            from sklearn.pipeline import Pipeline
+
+            model = Pipeline(model.steps)
         model[0].fit()  # load the network outside the timed fit, as the reference does
     start = time.perf_counter()
     model.fit(train)
@@ -168,7 +178,8 @@ def worker(spec):
         model[-1].score_samples(feats)
         bank_rows = len(model[-1].memory_bank_)
     nn_ms = 1000 * (time.perf_counter() - start) / len(test)
-    print(json.dumps({"fit_s": fit_s, "fit_rss_mb": fit_rss, "e2e_ms": e2e_ms,
+    offset = None if spec["name"] == "reference" else model[-1].offset_
+    print(json.dumps({"fit_s": fit_s, "offset": offset, "fit_rss_mb": fit_rss, "e2e_ms": e2e_ms,
                       "nn_ms": nn_ms, "bank": [bank_rows, int(feats.shape[-1])],
                       "finite": bool(np.isfinite(scores).all())}))
 
@@ -188,6 +199,8 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--rows", default="reference,ours,plain Pipeline,ours @224",
+                        help="comma-separated rows to run")
     parser.add_argument("--backbone", default="efficientnet_lite0",
                         help="network of every row (the recorded runs used Lite0)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -199,10 +212,10 @@ def main(argv=None):
         train, test = write_images(tmp, args.n_train, args.n_test, args.size, args.mtd)
         base = {"train": train, "test": test, "ratio": args.ratio, "threads": args.threads,
                 "backbone": args.backbone}
-        configs = [("ours", {}),
+        configs = [("reference", {}), ("ours", {}), ("plain Pipeline", {}),
                    ("ours @224", {"image_size": 256, "crop_size": 224, "resize_mode": "stretch"})]
-        if not args.skip_reference:
-            configs.insert(0, ("reference", {}))
+        wanted = set(args.rows.split(",")) - ({"reference"} if args.skip_reference else set())
+        configs = [(name, params) for name, params in configs if name in wanted]
         rows = {name: run({**base, "name": name, "params": params})
                 for name, params in configs}
 
@@ -223,6 +236,11 @@ def main(argv=None):
 
     header = ["pipeline", "bank (rows x dim)", "fit s", "fit peak RSS MB",
               "score ms/img (end to end)", "search ms/img (features given)"]
+    offsets = {name: r["offset"] for name, r in rows.items() if r["offset"] is not None}
+    if "ours" in offsets and "plain Pipeline" in offsets:
+        same = offsets["ours"] == offsets["plain Pipeline"]
+        print(f"plain Pipeline offset_ {'equals' if same else 'DIFFERS from'} make_patchcore's "
+              f"({offsets['plain Pipeline']!r} vs {offsets['ours']!r})\n")
     print_markdown_table(header, [
         [name, f"{r['bank'][0]} x {r['bank'][1]}", cell(r, "fit_s", ".1f"),
          cell(r, "fit_rss_mb", ".0f"), cell(r, "e2e_ms", ".1f"), cell(r, "nn_ms", ".1f")]

@@ -1,14 +1,14 @@
 """PatchCore industrial image anomaly detection as scikit-learn estimators."""
 
-__version__ = "0.1.0"
-
-from .coreset import CoresetSampler, MemoryBank  # noqa: E402
-from .detector import PatchCoreDetector  # noqa: E402
-from .features import FeatureExtractor  # noqa: E402
-from .padim import PaDiMDetector  # noqa: E402
-from .persistence import load_model, save_model  # noqa: E402
-from .pipeline import PatchCorePipeline, make_anomaly_pipeline, make_patchcore  # noqa: E402
-from .spade import SPADEDetector  # noqa: E402
+from ._containers import MemoryBank, PatchFeatures
+from ._version import __version__
+from .coreset import CoresetSampler
+from .detector import PatchCoreDetector
+from .features import FeatureExtractor
+from .padim import PaDiMDetector
+from .persistence import load_model, save_model
+from .pipeline import PatchCorePipeline, make_anomaly_pipeline, make_patchcore
+from .spade import SPADEDetector
 
 __all__ = [
     "CoresetSampler",
@@ -17,7 +17,9 @@ __all__ = [
     "PaDiMDetector",
     "PatchCoreDetector",
     "PatchCorePipeline",
+    "PatchFeatures",
     "SPADEDetector",
+    "__version__",
     "load_model",
     "make_anomaly_pipeline",
     "make_patchcore",

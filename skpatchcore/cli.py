@@ -39,53 +39,8 @@ def _collect_images(inputs):
     return paths
 
 
-def _border(text):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--border must be 'auto' or an integer, got "
-                                         f"{text!r}") from None
-
-
-def add_model_arguments(parser):
-    """The model options shared by ``fit`` and ``evaluate``: the method, the feature
-    extractor's options (defaults read from :class:`FeatureExtractor`), the coreset ratio,
-    the random state and the device."""
-    from .features import FeatureExtractor
-
-    defaults = FeatureExtractor().get_params()
-    parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
-    parser.add_argument("--backbone", default=defaults["backbone"])
-    parser.add_argument("--image-size", type=int, default=defaults["image_size"])
-    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"],
-                        default=defaults["resize_mode"])
-    parser.add_argument("--patch-size", type=int, default=defaults["patch_size"])
-    parser.add_argument("--scales", type=float, nargs="+", default=list(defaults["scales"]),
-                        help="image pyramid, e.g. 1 0.75 0.5 (default: one scale)")
-    parser.add_argument("--border", type=_border, default=defaults["border"],
-                        help="edge cell rings given inner features ('auto' or an integer)")
-    parser.add_argument("--sampling-ratio", "--coreset-ratio", dest="sampling_ratio",
-                        type=float, default=0.01,
-                        help="fraction of training patches kept in the memory bank (default "
-                             "0.01; ignored by padim)")
-    parser.add_argument("--random-state", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-
-
-def model_params(args):
-    """make_anomaly_pipeline parameters from the options of :func:`add_model_arguments`."""
-    params = {"backbone": args.backbone, "image_size": args.image_size,
-              "resize_mode": args.resize_mode, "patch_size": args.patch_size,
-              "border": args.border, "scales": tuple(args.scales),
-              "random_state": args.random_state, "device": args.device}
-    if args.method != "padim":  # PaDiM keeps every training grid: no coreset step
-        params["sampling_ratio"] = args.sampling_ratio
-    return params
-
-
 def _cmd_fit(args):
+    from ._options import model_params
     from .persistence import save_model
     from .pipeline import make_anomaly_pipeline
 
@@ -112,9 +67,9 @@ def _contamination(value):
 
 
 def _cmd_predict(args):
+    from ._visualize import save_overlays
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
-    from .visualize import save_overlays
 
     model = load_model(args.model)
     if not isinstance(model, PatchCorePipeline):
@@ -126,9 +81,8 @@ def _cmd_predict(args):
     paths = _collect_images(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features = model[:-1].transform(paths)
     detector = model[-1]
-    scores, grids = detector.score_and_map(features)
+    scores, maps = model.score_and_map(paths, sigma=4.0)
     decision = scores - detector.offset_
     labels = np.where(decision < 0, -1, 1)
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -136,10 +90,6 @@ def _cmd_predict(args):
         writer.writerow(["path", "score", "decision", "label"])
         for p, s, d, lab in zip(paths, scores, decision, labels, strict=True):
             writer.writerow([str(p), f"{s:.6f}", f"{d:.6f}", int(lab)])
-    from ._images import check_images
-    from .pipeline import _extractor_of, _grids_to_images
-
-    maps = _grids_to_images(grids, check_images(paths).sizes(), _extractor_of(model), 4.0)
     threshold = -detector.offset_ if args.threshold is None else args.threshold
     if not args.no_images:
         save_overlays(paths, maps, out / "overlays", scores=-scores, threshold=threshold)
@@ -164,7 +114,7 @@ def _cmd_evaluate(args):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from ._demo import run_demo
 
     run_demo(Path(args.out), verbose=not args.quiet)
     return 0
@@ -185,6 +135,8 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a model on a folder of good images")
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
+    from ._options import add_model_arguments
+
     add_model_arguments(fit)
     fit.add_argument("--contamination", default="auto")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",

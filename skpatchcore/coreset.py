@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tempfile
 from numbers import Integral, Real
 
 import numpy as np
@@ -11,102 +10,16 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
+from ._containers import MemoryBank, PatchFeatures
 from ._kcenter import greedy_kcenter
 from ._utils import resolve_device
+from ._validation import normal_mask, validate_features
 
-__all__ = ["CoresetSampler", "MemoryBank", "SpilledFeatures"]
+__all__ = ["CoresetSampler"]
 
 _PROJECT_CHUNK = 65536
-
-
-class MemoryBank(np.ndarray):
-    """Memory-bank rows (m, d) that remember where they came from.
-
-    Returned by :meth:`CoresetSampler.fit_transform`. It is a plain float32 array for every
-    purpose; :class:`PatchCoreDetector` additionally reads two attributes so that its
-    leave-one-out training scores (used for ``contamination``) never match a training image
-    against its own patches:
-
-    * ``groups`` : int array (m,), the training image (or row, for 2-D data) of each bank row,
-      indexing ``source``;
-    * ``source`` : the normal training features the bank was selected from, (n, h, w, d) or
-      (n, d).
-
-    Slices and arithmetic results drop both attributes (they are set to None) and then behave
-    like an ordinary 2-D array.
-    """
-
-    def __new__(cls, rows, groups=None, source=None):
-        obj = np.asarray(rows, dtype=np.float32).view(cls)
-        obj.groups = groups
-        obj.source = source
-        return obj
-
-    def __array_finalize__(self, obj):
-        self.groups = None
-        self.source = None
-
-    def __reduce__(self):  # pickle as a plain array
-        return np.asarray(self).__reduce__()
-
-
-def check_features(F, name="F", allow_2d=True):
-    """Validate feature grids (n, h, w, d) or rows (n, d); return a float32 ndarray."""
-    if isinstance(F, torch.Tensor):
-        F = F.detach().cpu().numpy()
-    try:
-        F = np.asarray(F, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a numeric array of feature grids (n, h, w, d)"
-                         + (" or rows (n, d)" if allow_2d else "") + ".") from None
-    shapes = "(n_images, h, w, d)" + (" or (n_samples, n_features)" if allow_2d else "")
-    if F.ndim not in ((2, 4) if allow_2d else (4,)):
-        hint = (" Raw images go through FeatureExtractor first." if F.ndim == 3 else "")
-        raise ValueError(f"{name} must have shape {shapes}, got {F.shape}.{hint}")
-    if F.shape[0] == 0 or F.shape[-1] == 0:
-        raise ValueError(f"{name} of shape {F.shape} is empty.")
-    if not np.isfinite(F).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
-    return F
-
-
-def validate_features(estimator, X, *, reset):
-    """Feature grids (n, h, w, d) or rows (n, d) -> float32 ndarray; sets/checks
-    ``n_features_in_`` (= d) like scikit-learn's ``validate_data``."""
-    if isinstance(X, np.ndarray | torch.Tensor) and X.ndim == 4:
-        X = check_features(X, "X", allow_2d=False)
-        if reset:
-            estimator.n_features_in_ = X.shape[-1]
-            if hasattr(estimator, "feature_names_in_"):
-                del estimator.feature_names_in_
-        elif X.shape[-1] != estimator.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[-1]} features per patch, but {type(estimator).__name__} is "
-                f"expecting {estimator.n_features_in_} features. Use the same "
-                "FeatureExtractor settings as in fit."
-            )
-        return X
-    if getattr(X, "ndim", 2) == 3:
-        raise ValueError(f"X must have shape (n_images, h, w, d) or (n_samples, n_features), "
-                         f"got {X.shape}. Raw images go through FeatureExtractor first.")
-    return validate_data(estimator, X, reset=reset, dtype=np.float32)
-
-
-def normal_mask(y, n, name="y"):
-    """Boolean mask of samples to keep: everything except y == -1. None keeps all."""
-    if y is None:
-        return None
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"{name} must be 1-D with one label per sample ({n}), got shape "
-                         f"{y.shape}.")
-    keep = y != -1
-    if not keep.any():
-        raise ValueError(f"Every sample is labelled -1 (anomalous) in {name}; the memory bank "
-                         "needs normal samples (y=+1 or y=None).")
-    return None if keep.all() else keep
 
 
 def _projection_matrix(d, dim, random_state, device):
@@ -114,80 +27,6 @@ def _projection_matrix(d, dim, random_state, device):
     seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
-
-
-class SpilledFeatures:
-    """Feature grids written batch by batch to an anonymous temporary file.
-
-    Streaming fits keep only the random projection in memory; the full float32 rows live
-    here, are read back for the selected bank rows (:meth:`take_rows`) and, a few samples at
-    a time, for leave-one-out training scores (slicing ``spilled[a:b]`` returns an ndarray).
-    The file is deleted when closed or garbage-collected.
-
-    Parameters
-    ----------
-    sample_shape : tuple of int
-        Shape of one sample, ``(h, w, d)`` or ``(d,)``.
-    directory : str or None, default=None
-        Where the file goes (None: the system's temporary directory).
-    """
-
-    def __init__(self, sample_shape, directory=None):
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        self._row_bytes = 4 * int(np.prod(self.sample_shape, dtype=np.int64))
-        self._file = tempfile.TemporaryFile(dir=directory)
-        self._n = 0
-
-    @property
-    def shape(self):
-        return (self._n,) + self.sample_shape
-
-    @property
-    def ndim(self):
-        return len(self.sample_shape) + 1
-
-    def __len__(self):
-        return self._n
-
-    def append(self, grids):
-        """Write samples of shape (b,) + sample_shape at the end of the file."""
-        grids = np.ascontiguousarray(grids, dtype=np.float32)
-        if grids.shape[1:] != self.sample_shape:
-            raise ValueError(f"Expected samples of shape {self.sample_shape}, got "
-                             f"{grids.shape[1:]}.")
-        self._file.seek(self._n * self._row_bytes)
-        grids.tofile(self._file)
-        self._n += len(grids)
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("SpilledFeatures supports contiguous slices only.")
-        start, stop, _ = key.indices(self._n)
-        count = max(0, stop - start)
-        self._file.seek(start * self._row_bytes)
-        out = np.fromfile(self._file, dtype=np.float32, count=count * self._row_bytes // 4)
-        return out.reshape((count,) + self.sample_shape)
-
-    def take_rows(self, rows, chunk_samples=256):
-        """Rows ``reshape(-1, d)[rows]`` of the stored features, read chunk by chunk."""
-        rows = np.asarray(rows, dtype=np.int64)
-        d = self.sample_shape[-1]
-        per_sample = self._row_bytes // 4 // d
-        out = np.empty((len(rows), d), dtype=np.float32)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        bounds = np.arange(0, self._n + chunk_samples, chunk_samples) * per_sample
-        cuts = np.searchsorted(sorted_rows, bounds)
-        for i, start in enumerate(range(0, self._n, chunk_samples)):
-            lo, hi = cuts[i], cuts[i + 1]
-            if lo == hi:
-                continue
-            block = self[start : start + chunk_samples].reshape(-1, d)
-            out[order[lo:hi]] = block[sorted_rows[lo:hi] - start * per_sample]
-        return out
-
-    def close(self):
-        self._file.close()
 
 
 class CoresetSampler(TransformerMixin, BaseEstimator):
@@ -234,8 +73,12 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
     the memory bank, the second returns F (a sampler is a fit-time step, like imbalanced-learn's
     samplers). When ``y`` is given, samples labelled -1 are left out of the selection.
 
-    The returned bank is a :class:`MemoryBank`, a float32 ndarray subclass that remembers
-    which training image each row came from.
+    The returned bank is a :class:`MemoryBank`: the selected rows, the training sample each
+    came from, and the normal training features they were drawn from (which the detector
+    scores leave-one-out to set ``offset_``). Features arrive as an array or as the
+    :class:`PatchFeatures` that :meth:`FeatureExtractor.fit_transform` returns; they are read
+    and projected a bounded number of rows at a time, so only their ``projection_dim``-wide
+    projection is held in memory while selecting.
 
     Examples
     --------
@@ -279,10 +122,10 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        F : ndarray of shape (n_images, h, w, d) or (n_samples, d)
+        F : ndarray of shape (n_images, h, w, d) or (n_samples, d), or PatchFeatures
             Training features.
         y : array-like of shape (n,), default=None
-            Samples labelled -1 are left out; None means every sample is normal.
+            +1 normal, -1 anomalous (left out); None means every sample is normal.
 
         Returns
         -------
@@ -296,62 +139,38 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        F : ndarray of shape (n_images, h, w, d) or (n_samples, d)
+        F : ndarray of shape (n_images, h, w, d) or (n_samples, d), or PatchFeatures
             Training features.
         y : array-like of shape (n,), default=None
-            Samples labelled -1 are left out; None means every sample is normal.
+            +1 normal, -1 anomalous (left out); None means every sample is normal.
 
         Returns
         -------
-        bank : MemoryBank of shape (m, d), float32
-            The selected rows, ``F.reshape(-1, d)[sample_indices_]``.
+        bank : MemoryBank
+            ``bank.rows`` (m, d) float32 are ``F.reshape(-1, d)[sample_indices_]``;
+            ``bank.sample_index`` and ``bank.training_features`` say where they came from.
         """
         self._validate_params()
         return self._select(F, y)
 
     def _select(self, F, y):
         F = validate_features(self, F, reset=True)
-        keep = normal_mask(y, F.shape[0])
-        source = F if keep is None else F[keep]
-        d = F.shape[-1]
-        rows = source.reshape(-1, d)
-        chunks = (rows[i : i + _PROJECT_CHUNK] for i in range(0, len(rows), _PROJECT_CHUNK))
-        selected = self._select_rows(chunks, rows.shape[0], d)
-        per_sample = self._set_indices(selected, keep, F.shape[1:-1])
-        return MemoryBank(rows[selected], groups=selected // per_sample, source=source)
-
-    def _fit_stream(self, batches, n_samples, sample_shape, y=None):
-        """Select from features that arrive in batches, holding only their projection.
-
-        ``batches`` yields ``(start, grids)`` with grids of shape (b,) + sample_shape for
-        samples ``start:start + b``. Full rows are spilled to a temporary file
-        (:class:`SpilledFeatures`), which becomes the returned bank's ``source``; the caller
-        closes it when done.
-        """
-        self._validate_params()
-        sample_shape = tuple(sample_shape)
-        d = sample_shape[-1]
-        self.n_features_in_ = d
-        keep = normal_mask(y, n_samples)
-        n_kept = n_samples if keep is None else int(keep.sum())
-        per_sample = int(np.prod(sample_shape[:-1], dtype=np.int64))
-        spill = SpilledFeatures(sample_shape)
+        if not isinstance(F, PatchFeatures):
+            F = PatchFeatures.from_array(F)
+        keep = normal_mask(y, len(F))
+        source = F if keep is None else F.take(np.flatnonzero(keep))
+        d = F.sample_shape[-1]
 
         def rows():
-            for start, grids in batches:
-                if keep is not None:
-                    grids = grids[keep[start : start + len(grids)]]
-                spill.append(grids)
-                yield np.ascontiguousarray(grids, dtype=np.float32).reshape(-1, d)
+            for _, grids in source.iter_chunks(_PROJECT_CHUNK):
+                block = grids.reshape(-1, d)
+                if not np.isfinite(block).all():
+                    raise ValueError("F contains NaN or infinite values.")
+                yield block
 
-        try:
-            selected = self._select_rows(rows(), n_kept * per_sample, d)
-            self._set_indices(selected, keep, sample_shape[:-1])
-            bank = spill.take_rows(selected)
-        except BaseException:
-            spill.close()
-            raise
-        return MemoryBank(bank, groups=selected // per_sample, source=spill)
+        selected = self._select_rows(rows(), len(source) * source.cells_per_sample, d)
+        per_sample = self._set_indices(selected, keep, F.sample_shape[:-1])
+        return MemoryBank(source.take_rows(selected), selected // per_sample, source)
 
     def _select_rows(self, row_batches, n_rows, d):
         """Project the rows as they come, run greedy k-center, set coverage_radius_."""

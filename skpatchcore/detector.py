@@ -5,27 +5,20 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import ThresholdMixin, contamination_offset
-from ._utils import progress, resolve_device
-from .coreset import MemoryBank, normal_mask, validate_features
-from .neighbors import make_index
+from ._base import MemoryBankDetector, contamination_offset, mean_finite
+from ._validation import validate_features
 
 __all__ = ["PatchCoreDetector"]
 
 # n_neighbors='auto' on tabular rows, as LocalOutlierFactor's default.
 _TABULAR_NEIGHBORS = 20
-# Query rows scored per chunk, in fit and in scoring (65536 x 168 float32 = 44 MB).
-_SCORE_CHUNK_ROWS = 65536
 
 
-class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class PatchCoreDetector(MemoryBankDetector):
     """Nearest-neighbour anomaly scores against a memory bank of normal patch features.
 
     Each test patch's score is its true Euclidean distance to the nearest memory-bank row
@@ -71,6 +64,11 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     ----------
     memory_bank_ : ndarray of shape (m, d), float32
         The normal patch features searched at test time.
+    bank_sample_index_ : ndarray of shape (m,), int64
+        The training sample each bank row came from (leave-one-out scoring).
+    train_row_keys_, train_row_samples_ : ndarray of shape (n_train,) or None
+        For 2-D rows only: digests of the training rows, sorted, and the sample each belongs
+        to (the tabular leave-one-out rule, see Notes); None for feature grids.
     offset_ : float
         ``decision_function = score_samples - offset_``.
     n_features_in_ : int
@@ -85,15 +83,22 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     Notes
     -----
-    Accepted X: a :class:`MemoryBank` from :class:`CoresetSampler` (y is then ignored: the
-    sampler already applied it), feature grids (n_images, h, w, d) (the whole bank is kept),
-    or 2-D rows (n_samples, n_features) for tabular data, one patch per sample. With ``y``,
-    samples labelled -1 are left out of the bank.
+    Accepted X in ``fit``: a :class:`MemoryBank` from :class:`CoresetSampler` (y is then
+    ignored: the sampler already applied it), feature grids (n_images, h, w, d) or
+    :class:`PatchFeatures` (the whole bank is kept), or 2-D rows (n_samples, n_features) for
+    tabular data, one patch per sample. With ``y``, samples labelled -1 are left out of the
+    bank. However the bank arrives, the model is the same: fitting on a bank, its copy, or a
+    bank restored from a pickle or a ``Pipeline(memory=...)`` cache gives identical
+    ``offset_``, scores and maps.
 
-    Scoring 2-D rows, a row identical to a memory-bank row is taken to be that training
-    sample and is matched against the other rows, so ``fit(X).predict(X)`` flags about
-    ``contamination * n`` samples, as with IsolationForest. Feature grids are scored as they
-    are: an image identical to a training image has anomaly score 0.
+    Tabular leave-one-out (the rule every detector applies): scoring 2-D rows, a row whose
+    values equal a training row's is taken to be that training sample and is scored
+    against the bank without its rows, exactly as in fit, so ``fit(X).predict(X)`` flags
+    about ``contamination * n`` samples, as with IsolationForest. A genuinely new sample
+    equal to a training row therefore gets that row's leave-one-out score. Feature grids
+    are scored as they are: an image identical to a training image has anomaly score 0.
+    When no bank row is eligible (a bank made only of the query's own rows), the distance
+    is infinite and the sample is an outlier.
 
     Sign conventions follow :class:`~sklearn.ensemble.IsolationForest`: ``score_samples`` is
     the negated anomaly score (lower = more abnormal), ``decision_function`` is negative for
@@ -146,40 +151,27 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : MemoryBank, ndarray of shape (n_images, h, w, d), or array-like (n_samples, d)
+        X : MemoryBank, PatchFeatures, ndarray of shape (n_images, h, w, d), or array-like \
+(n_samples, d)
             Normal training features (see Notes).
         y : array-like of shape (n,), default=None
-            Samples labelled -1 are left out of the bank; None means all are normal. Ignored
-            for a MemoryBank.
+            +1 normal, -1 anomalous: samples labelled -1 are left out of the bank; None
+            means all are normal. Ignored for a MemoryBank (its sampler applied it).
 
         Returns
         -------
         self : PatchCoreDetector
         """
-        if isinstance(X, MemoryBank) and X.groups is not None:
-            bank, bank_groups, source = np.asarray(X), X.groups, X.source
-            self.n_features_in_ = bank.shape[1]
-        else:
-            source = self._check_X(X, reset=True)
-            keep = normal_mask(y, source.shape[0])
-            if keep is not None:
-                source = source[keep]
-            per_sample = int(np.prod(source.shape[1:-1], dtype=np.int64))
-            bank = source.reshape(-1, source.shape[-1])
-            bank_groups = np.repeat(np.arange(source.shape[0]), per_sample)
-        n_train = source.shape[0]
-        if n_train < 2:
-            raise ValueError(
-                f"PatchCoreDetector needs at least 2 normal training samples (leave-one-out "
-                f"training scores set offset_), got n_samples={n_train}."
-            )
-        self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
-        self._index = None
+        bank = self._bank_from(X, y)
+        self.memory_bank_ = np.ascontiguousarray(bank.rows, dtype=np.float32)
+        self.bank_sample_index_ = bank.sample_index
+        self._reset_indexes()
         # leave-one-out: each training sample against the bank without its own rows
-        train_scores = -self._anomaly_scores(source, np.arange(n_train), bank_groups,
-                                             desc="train scores")[0]
-        self.offset_ = contamination_offset(train_scores, self.contamination,
-                                            "PatchCoreDetector")
+        features = bank.training_features
+        anomaly = self._map_chunks(
+            lambda chunk, groups: self._search(chunk, groups, bank.sample_index)[0],
+            features, np.arange(len(features)), desc="train scores")
+        self.offset_ = contamination_offset(-anomaly, self.contamination, "PatchCoreDetector")
         return self
 
     # ----------------------------------------------------------------- scoring
@@ -197,10 +189,10 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             ``-s`` with s the (reweighted) maximum nearest-neighbour patch distance.
         """
         check_is_fitted(self)
-        X = self._check_X(X, reset=False)
-        if X.ndim == 2:
-            return -self._anomaly_scores(X, **self._self_match_groups(X))[0]
-        return -self._anomaly_scores(X)[0]
+        X = validate_features(self, X, reset=False)
+        return -self._map_chunks(
+            lambda chunk, groups: self._search(chunk, groups, self.bank_sample_index_)[0],
+            X, self._training_samples_of(X))
 
     def score_and_map(self, X):
         """``score_samples(X)`` and ``predict_map(X)`` from one nearest-neighbour search.
@@ -217,98 +209,27 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             As :meth:`predict_map` with ``output_size=None`` (higher = more anomalous).
         """
         check_is_fitted(self)
-        X = validate_features(self, X, reset=False)
-        if X.ndim != 4:
-            raise ValueError(f"Maps need feature grids of shape (n_images, h, w, d), got "
-                             f"shape {X.shape}.")
-        scores, grids = self._anomaly_scores(X)
+        X = self._check_grids(X)
+        scores, grids = self._map_chunks(lambda chunk, _: self._search(chunk), X)
         return -scores, grids.astype(np.float32)
 
-    def predict_map(self, X, output_size=None, sigma=4.0):
-        """Patch anomaly maps: higher = more anomalous, same units as ``-score_samples``.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d)
-            Test feature grids.
-        output_size : (int, int) or None, default=None
-            None returns the patch-score grids (n, h, w) (nearest-neighbour distances, not
-            reweighted). Otherwise each grid is upsampled bilinearly to (H, W) and smoothed
-            with a Gaussian of standard deviation ``sigma`` output pixels.
-        sigma : float, default=4.0
-            Gaussian smoothing in output pixels (0 disables); used only with output_size.
-
-        Returns
-        -------
-        maps : ndarray of shape (n, h, w) or (n, H, W), float32
-        """
-        grids = self.score_and_map(X)[1]
-        if output_size is None:
-            return grids
-        return upsample_maps(grids, output_size, sigma)
-
     # --------------------------------------------------------------- internals
-    def _check_X(self, X, reset):
-        return validate_features(self, X, reset=reset)
+    def _patch_grids(self, X):
+        return self._map_chunks(
+            lambda chunk, _: self._search(chunk, reweight=False)[1], X).astype(np.float32)
 
-    def _get_index(self):
-        if getattr(self, "_index", None) is None:
-            device = resolve_device(self.device)
-            self._index = make_index(self.memory_bank_, self.knn_backend, device,
-                                     random_state=0)
-        return self._index
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_index", None)
-        return state
-
-    def _self_match_groups(self, X):
-        """Tabular rows: treat a row identical to a bank row as that training sample.
-
-        Returns query/bank groups that exclude one exactly matching bank row per query, so that
-        ``predict(X_train)`` gives the leave-one-out scores that ``offset_`` was set from.
-        """
-        dist, nn = self._get_index().query(X, k=1)
-        same = dist[:, 0] == 0.0
-        if not same.any():
-            return {}
-        return {
-            "query_groups": np.where(same, nn[:, 0], -1),
-            "bank_groups": np.arange(self.memory_bank_.shape[0]),
-        }
-
-    def _anomaly_scores(self, X, query_groups=None, bank_groups=None, desc="search"):
-        """Image anomaly scores s (n,) and patch-distance grids (n, ...) for X.
-
-        With query_groups/bank_groups, bank rows of the query's own group are excluded.
-        Samples are scored a bounded number of rows at a time (each sample on its own); X
-        may also be a :class:`~skpatchcore.coreset.SpilledFeatures`, read chunk by chunk.
-        """
+    def _search(self, X, query_groups=None, bank_groups=None, reweight=True):
+        """Image anomaly scores s (n,) (None unless ``reweight``) and patch-distance grids
+        (n, ...) for one chunk X; with query/bank groups, bank rows of the query's own
+        group are excluded (leave-one-out)."""
+        index = self._index("bank", self.memory_bank_)
         n = X.shape[0]
-        per_row = int(np.prod(X.shape[1:-1], dtype=np.int64))
-        step = max(1, _SCORE_CHUNK_ROWS // per_row)
-        if n > step or not isinstance(X, np.ndarray):
-            parts = []
-            bar = progress(total=n, desc=desc, unit="sample",
-                           disable=not self.verbose or n == 1)
-            verbose, self.verbose = self.verbose, False
-            try:
-                for a in range(0, n, step):
-                    groups = None if query_groups is None else query_groups[a : a + step]
-                    chunk = np.asarray(X[a : a + step], dtype=np.float32)
-                    parts.append(self._anomaly_scores(chunk, groups, bank_groups))
-                    bar.update(len(chunk))
-            finally:
-                self.verbose = verbose
-                bar.close()
-            return (np.concatenate([p[0] for p in parts]),
-                    np.concatenate([p[1] for p in parts]))
-        index = self._get_index()
         grid_shape = X.shape[1:-1]
         patches = X.reshape(n, -1, X.shape[-1])
         per_sample = patches.shape[1]
         rows = patches.reshape(-1, X.shape[-1])
+        if query_groups is None:
+            bank_groups = None
         q_groups = None if query_groups is None else np.repeat(query_groups, per_sample)
         k = self.n_neighbors
         if k == "auto":
@@ -320,16 +241,17 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             rows, q_unique = rows[unique], None if q_groups is None else q_groups[unique]
         else:
             q_unique = q_groups
-        dist, nn = index.query(rows, k=k, query_groups=q_unique, bank_groups=bank_groups,
-                               verbose=self.verbose)
-        if k > 1:  # fewer eligible rows than k (tiny banks): average over those that exist
-            dist = np.nanmean(np.where(np.isinf(dist), np.nan, dist), axis=1, keepdims=True)
-        dist, nn = dist[:, 0], nn[:, 0]
+        dist, nn = index.query(rows, k=k, query_groups=q_unique, bank_groups=bank_groups)
+        # fewer eligible rows than k (tiny banks): average those that exist (inf if none)
+        dist, nn = mean_finite(dist), nn[:, 0]
         if source is not None:  # every cell takes the result of the cell it repeats
             position = np.empty(len(source), dtype=np.int64)
             position[unique] = np.arange(len(unique))
             dist, nn = dist[position[source]], nn[position[source]]
         dist = dist.reshape(n, per_sample)
+        grids = dist.reshape((n,) + grid_shape)
+        if not reweight:
+            return None, grids
         nn = nn.reshape(n, per_sample)
         worst = np.argmax(dist, axis=1)
         s_star = dist[np.arange(n), worst]
@@ -337,14 +259,17 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             patches[np.arange(n), worst], nn[np.arange(n), worst], s_star, index,
             query_groups, bank_groups,
         )
-        return scores, dist.reshape((n,) + grid_shape)
+        return scores, grids
 
     def _reweight(self, t_star, m_star, s_star, index, query_groups, bank_groups):
-        """1 - softmax weight of m* among its b nearest bank rows (stable; 1 when b == 1)."""
+        """1 - softmax weight of m* among its b nearest bank rows (stable; 1 when b == 1 or
+        when there is no finite s*)."""
         b = min(self.n_reweight_neighbors, len(index))
-        if b <= 1:
+        finite = np.isfinite(s_star)
+        if b <= 1 or not finite.any():
             return np.ones_like(s_star)
         bank = self.memory_bank_
+        m_star = np.where(finite & (m_star >= 0), m_star, 0)
         _, neighbours = index.query(
             bank[m_star], k=b, query_groups=query_groups, bank_groups=bank_groups
         )
@@ -352,15 +277,10 @@ class PatchCoreDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         diffs = bank[np.where(valid, neighbours, 0)].astype(np.float64) - t_star[:, None, :]
         d = np.sqrt((diffs**2).sum(axis=2))
         d = np.where(valid, d, -np.inf)
-        top = np.maximum(d.max(axis=1), s_star)
+        s = np.where(finite, s_star, 0.0)
+        top = np.maximum(d.max(axis=1), s)
         denom = np.exp(d - top[:, None]).sum(axis=1)
-        return 1.0 - np.exp(s_star - top) / denom
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags
-
+        return np.where(finite, 1.0 - np.exp(s - top) / denom, 1.0)
 
 def _repeated_cells(X):
     """For grids X (n, h, w, d): the flat index (into ``X.reshape(-1, d)``) of the first
@@ -383,23 +303,3 @@ def _repeated_cells(X):
     rep_col = np.maximum.accumulate(steps, axis=1)
     images = np.arange(n)[:, None, None] * (h * w)
     return (images + rep_row[:, :, None] * w + rep_col[:, None, :]).ravel()
-
-
-def check_sigma(sigma):
-    """ValueError unless ``sigma`` (the maps' Gaussian smoothing) is None, 0 or positive."""
-    if sigma is not None and not sigma >= 0:
-        raise ValueError(f"sigma={sigma!r}: the map smoothing must be 0 (off) or a positive "
-                         "standard deviation in pixels.")
-
-
-def upsample_maps(grids, output_size, sigma):
-    """Bilinearly upsample (n, h, w) grids to output_size and Gaussian-smooth them."""
-    check_sigma(sigma)
-    h, w = output_size
-    t = torch.from_numpy(np.ascontiguousarray(grids, dtype=np.float32))[:, None]
-    up = F.interpolate(t, size=(int(h), int(w)), mode="bilinear", align_corners=False)
-    up = up[:, 0].numpy()
-    if sigma:
-        # truncate=4 sigma, as the reference implementation's blur
-        up = np.stack([gaussian_filter(m, sigma=sigma, truncate=4.0) for m in up])
-    return up.astype(np.float32)

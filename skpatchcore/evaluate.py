@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import image_shapes, load_masks, load_mvtec
-from .detector import check_sigma
+from ._geometry import check_sigma
+from ._options import add_model_arguments, model_params
+from .datasets import load_masks, load_mvtec
 from .metrics import aupro, image_auroc, pixel_auroc
 from .pipeline import make_anomaly_pipeline
 
@@ -73,16 +74,10 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     fit_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    features = pipe[:-1].transform(data.test)
-    scores, grids = pipe[-1].score_and_map(features)
+    scores, maps = pipe.score_and_map(data.test, sigma=sigma)
     score_seconds = time.perf_counter() - start
-    del features
-
-    from .pipeline import _extractor_of, _grids_to_images
-
-    sizes = image_shapes(data.test)
-    maps = _grids_to_images(grids, sizes, _extractor_of(pipe), sigma)
-    masks = load_masks(data.mask_paths, sizes)
+    maps = list(maps)
+    masks = load_masks(data.mask_paths, [m.shape for m in maps])
     is_anomalous = np.asarray(data.y_test) == -1
     results = {
         "root": str(root),
@@ -94,7 +89,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "pixel_auroc": pixel_auroc(masks, maps),
         f"aupro@{fpr_limit:g}": aupro(masks, maps, fpr_limit=fpr_limit),
         "fit_seconds": fit_seconds,
-        # features + search + image scores + patch maps, per test image
+        # decoding, features, search, image scores and maps at each image's pixels
         "ms_per_image": 1000.0 * score_seconds / len(data.test),
         "peak_rss_mb": _peak_rss_mb(),
         "sigma": sigma,
@@ -115,7 +110,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
                                                         [maps[i] for i in pick])
     if save_maps is not None:
-        from .visualize import save_overlays
+        from ._visualize import save_overlays
 
         save_overlays(data.test, maps, Path(save_maps), masks=masks, scores=-scores,
                       threshold=-pipe[-1].offset_)
@@ -123,8 +118,6 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
 
 
 def _parse(argv):
-    from .cli import add_model_arguments
-
     parser = argparse.ArgumentParser(
         prog="python -m skpatchcore.evaluate",
         description="Fit PatchCore on ROOT/train/good and evaluate on ROOT/test.",
@@ -142,8 +135,6 @@ def _parse(argv):
 
 
 def main(argv=None):
-    from .cli import model_params
-
     args = _parse(argv)
     try:
         results = evaluate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -14,46 +14,13 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._containers import PatchFeatures
+from ._geometry import Geometry
 from ._images import check_images
 from ._utils import progress, resolve_device
 from .backbones import available_backbones, file_sha256, get_backbone_spec, load_backbone
 
 __all__ = ["FeatureExtractor"]
-
-# Letterbox padding: mid grey, which both normalisations map to about 0.
-_LETTERBOX_FILL = 0.5
-
-
-def _as_hw(size, name):
-    if size is None:
-        return None
-    if isinstance(size, Integral):
-        return (int(size), int(size))
-    try:
-        h, w = size
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be an int or a pair (height, width), got {size!r}."
-        ) from None
-    if not (isinstance(h, Integral) and isinstance(w, Integral) and h > 0 and w > 0):
-        raise ValueError(f"{name} must hold two positive ints, got {size!r}.")
-    return (int(h), int(w))
-
-
-def frame_geometry(src_hw, image_size, resize_mode):
-    """Where an image of size ``src_hw`` lands in the ``image_size`` frame.
-
-    Returns (top, left, height, width) of the resized image inside the frame: the whole frame
-    for 'stretch'; the largest aspect-preserving fit, centred, for 'letterbox'.
-    """
-    H, W = image_size
-    if resize_mode == "stretch":
-        return 0, 0, H, W
-    h, w = src_hw
-    scale = min(H / h, W / w)
-    nh, nw = min(H, max(1, round(h * scale))), min(W, max(1, round(w * scale)))
-    return (H - nh) // 2, (W - nw) // 2, nh, nw
-
 
 def _inner_cells(n_cells, stride, lo, hi, border):
     """For each of ``n_cells`` cells along one axis, the cell whose features it takes: itself
@@ -139,6 +106,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         time and 2.5x the time per image (docs/benchmarks.md). Must start with 1.0. Cost:
         ``feature_dim_`` and the search grow by ``len(scales)``; the network runs
         ``sum(s**2)`` times as long.
+    feature_memory_mb : float or None, default=128
+        MiB of training features that :meth:`fit_transform` keeps in memory; beyond it they
+        go to a temporary file (in ``TMPDIR``) and are read back a few images at a time by
+        the next steps (:class:`PatchFeatures`). None keeps everything in memory. Changes
+        memory use only, never results.
     batch_size : int, default=8
         Images per forward pass. Activations dominate memory: on the CPU at 320 px each
         image in a batch costs about 30-45 MB (docs/benchmarks.md, "Whole pipeline").
@@ -187,7 +159,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     >>> X = np.zeros((2, 64, 64, 3), dtype=np.uint8)
     >>> F = FeatureExtractor(image_size=64).fit_transform(X)
     >>> F.shape, F.dtype
-    ((2, 8, 8, 152), dtype('float32'))
+    ((2, 8, 8, 168), dtype('float32'))
     """
 
     _parameter_constraints: dict = {
@@ -200,6 +172,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         "crop_size": [Interval(Integral, 8, None, closed="left"), tuple, list, None],
         "border": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "scales": [tuple, list],
+        "feature_memory_mb": [Interval(Real, 0, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str],
         "verbose": ["verbose"],
@@ -217,6 +190,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         crop_size=None,
         border="auto",
         scales=(1.0,),
+        feature_memory_mb=128,
         batch_size=8,
         device="auto",
         verbose=False,
@@ -230,6 +204,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.crop_size = crop_size
         self.border = border
         self.scales = scales
+        self.feature_memory_mb = feature_memory_mb
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
@@ -252,11 +227,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"patch_size must be odd so the neighbourhood is centred, got {self.patch_size}."
             )
-        size = _as_hw(self.image_size, "image_size")
-        crop = _as_hw(self.crop_size, "crop_size")
-        if crop is not None and (crop[0] > size[0] or crop[1] > size[1]):
-            raise ValueError(f"crop_size={self.crop_size!r} is larger than image_size="
-                             f"{self.image_size!r}.")
+        geometry = Geometry(self.image_size, self.resize_mode, self.crop_size)
         network, spec, layers, weights_path = load_backbone(
             self.backbone, self.layers, self.weights
         )
@@ -268,7 +239,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         deepest = max(spec.layers[layer][0] for layer in layers)
         self.scales_ = _check_scales(self.scales)
         self.feature_dim_ = sum(spec.layers[layer][1] for layer in layers) * len(self.scales_)
-        in_h, in_w = crop if crop is not None else size
+        in_h, in_w = geometry.input_size
         self.grid_shape_ = (math.ceil(in_h / self.stride_), math.ceil(in_w / self.stride_))
         if self.border == "auto":  # small grids keep their cells: 1 ring per 16 cells
             reach = (self.patch_size // 2) * deepest // self.stride_
@@ -297,6 +268,41 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             state["_network"] = copy.deepcopy(state["_network"]).to("cpu")
         return state
 
+    def network_state(self):
+        """The network's weights when ``weights`` cannot rebuild them (``weights=None``,
+        random weights), as a dict of numpy arrays; None otherwise. :func:`save_model` stores
+        it, :meth:`load_network_state` puts it back.
+
+        Returns
+        -------
+        state : dict of str -> ndarray, or None
+        """
+        check_is_fitted(self)
+        if self.weights_sha256_ is not None or "_network" not in self.__dict__:
+            return None
+        return {k: v.detach().cpu().numpy() for k, v in self._network.state_dict().items()}
+
+    def load_network_state(self, state):
+        """Rebuild the fitted network from weights returned by :meth:`network_state`.
+
+        Parameters
+        ----------
+        state : dict of str -> ndarray
+
+        Returns
+        -------
+        self : FeatureExtractor
+        """
+        check_is_fitted(self)
+        network, spec, _, _ = load_backbone(self.backbone, self.layers_, None)
+        try:
+            network.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(f"The saved network weights do not fit backbone "
+                             f"{self.backbone!r} with layers {self.layers_}: {exc}") from None
+        self._set_network(network, spec)
+        return self
+
     def _ensure_network(self):
         if "_network" in self.__dict__:
             if getattr(self, "_device", None) != resolve_device(self.device):
@@ -320,7 +326,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ----------
         X : images
             Paths, a directory, PIL images, numpy arrays or a torch tensor; see
-            :func:`skpatchcore._images.check_images`.
+            :func:`skpatchcore.datasets.check_images`.
 
         Returns
         -------
@@ -335,16 +341,74 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             out[start : start + len(grids)] = grids
         return out
 
+    def fit_transform(self, X, y=None):
+        """Load the network and extract the training images' features, in bounded memory.
+
+        This is what a :class:`~sklearn.pipeline.Pipeline` calls while fitting. The grids
+        equal ``fit(X).transform(X)``, but arrive as a :class:`PatchFeatures` that keeps at
+        most ``feature_memory_mb`` MiB in memory and the rest in a temporary file, so that
+        the next steps (:class:`CoresetSampler`, the detectors) read them a few images at a
+        time. ``np.asarray`` turns it into the array.
+
+        Parameters
+        ----------
+        X : images
+            Training images, in any form :meth:`transform` accepts.
+        y : ignored
+            Labels are applied by the next step.
+
+        Returns
+        -------
+        F : PatchFeatures of shape (n_images, h, w, d), float32
+        """
+        self.fit(X)
+        images = check_images(X)
+        features = PatchFeatures(tuple(self.grid_shape_) + (self.feature_dim_,),
+                                 max_memory_mb=self.feature_memory_mb)
+        for _, grids in self._iter_batches(images):
+            features.append(grids)
+        return features
+
+    def maps_to_images(self, grids, image_sizes, sigma=4.0):
+        """Put patch-score grids back onto each image's own pixels (the inverse of the
+        resize, letterbox and crop applied by :meth:`transform`).
+
+        Parameters
+        ----------
+        grids : ndarray of shape (n, h, w)
+            Patch scores on this extractor's grid (e.g. ``detector.predict_map(F)``).
+        image_sizes : sequence of (int, int)
+            (height, width) of each original image.
+        sigma : float, default=4.0
+            Gaussian smoothing in network-input pixels, applied before the inverse geometry
+            (0 disables).
+
+        Returns
+        -------
+        maps : list of ndarray (H_i, W_i), float32
+            The grid upsampled bilinearly to the network input, smoothed, placed back in
+            the frame (pixels outside a ``crop_size`` crop get 0, i.e. no evidence), cut to
+            the image's place in the frame (letterbox) and resized to the original size.
+        """
+        check_is_fitted(self)
+        grids = np.asarray(grids)
+        if grids.ndim != 3 or tuple(grids.shape[1:]) != tuple(self.grid_shape_):
+            raise ValueError(f"grids must have shape (n, {self.grid_shape_[0]}, "
+                             f"{self.grid_shape_[1]}) (this extractor's grid), got "
+                             f"{grids.shape}.")
+        return self._geometry.grids_to_images(grids, image_sizes, sigma)
+
     def _iter_batches(self, images):
         """Yield (start index, float32 array (b, h, w, d)) batch by batch."""
         self._ensure_network()
+        geometry = self._geometry
         n = len(images)
         bar = progress(total=n, desc="features", unit="img", disable=not self.verbose)
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
                 decoded = [images[i] for i in range(start, stop)]
-                batch = torch.stack([self._prepare(image) for image in decoded])
+                batch = torch.stack([geometry.to_input(image) for image in decoded])
                 grids = self._embed(batch.to(self._device))
                 if self.border_:
                     grids = self._replace_border(
@@ -353,50 +417,24 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 bar.update(stop - start)
         bar.close()
 
-    def _image_box(self, src_hw):
-        """(top, left, bottom, right) of the image's own pixels in the network input."""
-        size = _as_hw(self.image_size, "image_size")
-        top, left, nh, nw = frame_geometry(src_hw, size, self.resize_mode)
-        bottom, right = top + nh, left + nw
-        crop = _as_hw(self.crop_size, "crop_size")
-        if crop is not None:
-            dy, dx = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
-            top, bottom = max(top - dy, 0), min(bottom - dy, crop[0])
-            left, right = max(left - dx, 0), min(right - dx, crop[1])
-        return top, left, bottom, right
+    @property
+    def _geometry(self):
+        return Geometry(self.image_size, self.resize_mode, self.crop_size)
 
     def _replace_border(self, grids, sizes):
         """Give the ``border_`` outer rings of cells of each image their inner neighbour's
         features (grids: (b, h, w, d) tensor; sizes: source (H, W) of each image)."""
         h, w = grids.shape[1:3]
+        geometry = self._geometry
         rows, cols = [], []
         for src_hw in sizes:
-            top, left, bottom, right = self._image_box(src_hw)
+            top, left, bottom, right = geometry.image_box(src_hw)
             rows.append(_inner_cells(h, self.stride_, top, bottom, self.border_))
             cols.append(_inner_cells(w, self.stride_, left, right, self.border_))
         rows = torch.as_tensor(np.stack(rows), device=grids.device)
         cols = torch.as_tensor(np.stack(cols), device=grids.device)
         batch = torch.arange(len(sizes), device=grids.device)
         return grids[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-    def _prepare(self, image):
-        """float (3, H, W) in [0, 1] -> resized/letterboxed (and cropped) float (3, h, w)."""
-        size = _as_hw(self.image_size, "image_size")
-        top, left, nh, nw = frame_geometry(tuple(image.shape[1:]), size, self.resize_mode)
-        if tuple(image.shape[1:]) != (nh, nw):
-            image = F.interpolate(
-                image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True
-            )[0]
-        if (nh, nw) != size:
-            frame = torch.full((3,) + size, _LETTERBOX_FILL, dtype=image.dtype)
-            frame[:, top : top + nh, left : left + nw] = image
-            image = frame
-        crop = _as_hw(self.crop_size, "crop_size")
-        if crop is not None:
-            top = (size[0] - crop[0]) // 2
-            left = (size[1] - crop[1]) // 2
-            image = image[:, top : top + crop[0], left : left + crop[1]]
-        return image
 
     def _embed(self, batch):
         x = (batch - self._mean) / self._std

@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import ThresholdMixin, contamination_offset
+from ._base import BaseDetector, contamination_offset
+from ._containers import MemoryBank, PatchFeatures
 from ._utils import resolve_device
-from .coreset import MemoryBank, check_features, normal_mask, validate_features
-from .detector import upsample_maps
+from ._validation import check_features, normal_mask, validate_features
 
 __all__ = ["PaDiMDetector"]
 
 # Bytes of float64 work arrays per block of grid positions (fit and predict).
 _BLOCK_BYTES = 1 << 27
-
-
-def _row_keys(X):
-    """64-bit digests of float32 rows (-0.0 counted as 0.0), stable across processes."""
-    X = np.ascontiguousarray(X, dtype=np.float32) + np.float32(0.0)
-    return np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
-            for row in X
-        ),
-        dtype=np.uint64,
-        count=X.shape[0],
-    )
 
 
 def _as_grids(X):
@@ -47,6 +33,8 @@ def _as_grids(X):
                 "or 'stretch' gives every image the same grid)."
             )
         return np.stack([np.asarray(g) for g in X])
+    if isinstance(X, PatchFeatures):  # every position needs every image: read them all
+        return np.asarray(X)
     return X
 
 
@@ -65,7 +53,7 @@ def _loo_distance(a, n):
     return torch.sqrt(torch.clamp((n - 2.0) * c * c * a / denom, min=0.0))
 
 
-class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class PaDiMDetector(BaseDetector):
     """PaDiM: a Gaussian per feature-grid position; Mahalanobis distance as patch score.
 
     Patch Distribution Modeling (Defard et al., 2020) on the same patch features as
@@ -122,9 +110,10 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     loo_cholesky_ : ndarray of shape (n_selected, n_selected) or None
         For 2-D rows only: Cholesky factor of ``C + (n - 2) * reg * I`` (see Notes), which
         scores a training row leave-one-out; None for feature grids.
-    train_row_keys_ : ndarray of shape (n_samples_fit_,), uint64, or None
-        For 2-D rows only: sorted 64-bit BLAKE2 digests of the training rows, which
-        recognise a training row at predict time; None for feature grids.
+    train_row_keys_, train_row_samples_ : ndarray of shape (n_samples_fit_,) or None
+        For 2-D rows only: sorted 64-bit BLAKE2 digests of the training rows and the sample
+        each belongs to, which recognise a training row at predict time; None for feature
+        grids.
     offset_ : float
         ``decision_function = score_samples - offset_``.
     n_features_in_ : int
@@ -234,7 +223,7 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         -------
         self : PaDiMDetector
         """
-        if isinstance(X, MemoryBank) and X.groups is not None:
+        if isinstance(X, MemoryBank):
             raise ValueError(
                 "PaDiMDetector models every grid position of every training image and cannot "
                 "use a coreset memory bank; remove the CoresetSampler step in front of it."
@@ -265,9 +254,10 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.cholesky_ = factors.reshape(h, w, dim, dim)
         if X.ndim == 2:
             self.loo_cholesky_ = loo_factor
-            self.train_row_keys_ = np.sort(_row_keys(X))
+            self._remember_training_rows(X)
         else:
-            self.loo_cholesky_ = self.train_row_keys_ = None
+            self.loo_cholesky_ = None
+            self._remember_training_rows(None)
         train_scores = -loo.max(axis=1)
         self.offset_ = contamination_offset(train_scores, self.contamination, "PaDiMDetector")
         return self
@@ -334,39 +324,11 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         X = self._check_X(X)
         dist = self._distances(X)
-        known = self.train_row_keys_
-        if X.ndim == 2 and known is not None:
-            keys = _row_keys(X)
-            seen = known[np.minimum(np.searchsorted(known, keys), known.shape[0] - 1)] == keys
-            if seen.any():
-                dist[seen, 0] = self._loo_rows(X[seen])
+        samples = self._training_samples_of(X)
+        if samples is not None:  # the tabular leave-one-out rule (BaseDetector)
+            seen = samples >= 0
+            dist[seen, 0] = self._loo_rows(X[seen])
         return -dist.max(axis=1)
-
-    def predict_map(self, X, output_size=None, sigma=4.0):
-        """Mahalanobis-distance maps: higher = more anomalous, units of ``-score_samples``.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d)
-            Test feature grids, on the grid seen in fit.
-        output_size : (int, int) or None, default=None
-            None returns the patch-score grids (n, h, w). Otherwise each grid is upsampled
-            bilinearly to (H, W) and smoothed with a Gaussian of standard deviation ``sigma``
-            output pixels.
-        sigma : float, default=4.0
-            Gaussian smoothing in output pixels (0 disables); used only with output_size.
-
-        Returns
-        -------
-        maps : ndarray of shape (n, h, w) or (n, H, W), float32
-        """
-        check_is_fitted(self)
-        X = check_features(_as_grids(X), "X", allow_2d=False)
-        X = self._check_X(X)
-        grids = self._distances(X).reshape(X.shape[:-1]).astype(np.float32)
-        if output_size is None:
-            return grids
-        return upsample_maps(grids, output_size, sigma)
 
     def score_and_map(self, X):
         """``score_samples(X)`` and ``predict_map(X)`` from one pass over the positions.
@@ -384,11 +346,17 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             As :meth:`predict_map` with ``output_size=None`` (higher = more anomalous).
         """
         check_is_fitted(self)
-        X = self._check_X(check_features(_as_grids(X), "X", allow_2d=False))
+        X = self._check_grids(X)
         dist = self._distances(X)
         return -dist.max(axis=1), dist.reshape(X.shape[:-1]).astype(np.float32)
 
     # --------------------------------------------------------------- internals
+    def _check_grids(self, X):
+        return self._check_X(check_features(_as_grids(X), "X", allow_2d=False))
+
+    def _patch_grids(self, X):
+        return self._distances(X).reshape(X.shape[:-1]).astype(np.float32)
+
     def _check_X(self, X):
         X = validate_features(self, _as_grids(X), reset=False)
         grid = tuple(int(s) for s in X.shape[1:-1]) if X.ndim == 4 else (1, 1)
@@ -429,8 +397,3 @@ class PaDiMDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         u = (z - torch.from_numpy(self.mean_.reshape(1, -1))).T
         sol = torch.linalg.solve_triangular(torch.from_numpy(self.loo_cholesky_), u, upper=False)
         return _loo_distance((sol * sol).sum(dim=0), self.n_samples_fit_).numpy()
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags

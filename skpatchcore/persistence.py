@@ -21,14 +21,21 @@ import sklearn
 import torch
 from sklearn.pipeline import Pipeline
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["load_model", "save_model"]
 
 FORMAT_VERSION = 1
 # class -> {parameter: value that reproduces models saved before it existed}
 _ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,)}}
-_ADDED_FITTED = {"FeatureExtractor": {"border_": 0, "scales_": (1.0,)}}
+_ADDED_FITTED = {
+    "FeatureExtractor": {"border_": 0, "scales_": (1.0,)},
+    # the tabular leave-one-out record: older files score rows without it
+    "PatchCoreDetector": {"bank_sample_index_": None, "train_row_keys_": None,
+                          "train_row_samples_": None},
+    "SPADEDetector": {"train_row_keys_": None, "train_row_samples_": None},
+    "PaDiMDetector": {"train_row_samples_": None},
+}
 _META_KEY = "__skpatchcore_meta__"
 
 
@@ -98,13 +105,11 @@ def _describe(estimator, prefix, arrays):
         else:
             fitted[key] = _jsonable(value, f"{name}.{key}")
     description = {"class": name, "params": params, "fitted": fitted}
-    network = vars(estimator).get("_network")
-    if network is not None and vars(estimator).get("weights_sha256_") is None:
-        keys = []
-        for k, v in network.state_dict().items():
-            arrays[f"{prefix}network/{k}"] = v.detach().cpu().numpy()
-            keys.append(k)
-        description["network_state"] = keys
+    state = estimator.network_state() if fitted and hasattr(estimator, "network_state") else None
+    if state is not None:
+        for k, v in state.items():
+            arrays[f"{prefix}network/{k}"] = v
+        description["network_state"] = list(state)
     return description
 
 
@@ -140,13 +145,8 @@ def _rebuild(description, arrays, prefix):
             if key not in description["fitted"]:
                 setattr(estimator, key, value)
     if "network_state" in description:
-        from .backbones import load_backbone
-
-        network, spec, _, _ = load_backbone(estimator.backbone, estimator.layers_, None)
-        state = {k: torch.from_numpy(np.array(arrays[f"{prefix}network/{k}"]))
-                 for k in description["network_state"]}
-        network.load_state_dict(state)
-        estimator._set_network(network, spec)
+        estimator.load_network_state({k: arrays[f"{prefix}network/{k}"]
+                                      for k in description["network_state"]})
     return estimator
 
 

@@ -1,17 +1,24 @@
-"""A Pipeline that reaches ``predict_map`` from raw images, and the standard PatchCore pipeline."""
+"""A Pipeline that reaches maps from raw images, and the standard PatchCore pipeline.
+
+The steps themselves make any scikit-learn ``Pipeline`` of features -> coreset -> detector
+fit in bounded memory (see :class:`PatchFeatures` and :class:`MemoryBank`); what this module
+adds is the one path from images to scores and maps at each image's own pixels
+(:meth:`PatchCorePipeline.score_and_map`), used by the CLI and by evaluate.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from sklearn.pipeline import Pipeline
 from sklearn.utils.metaestimators import available_if
 
+from ._geometry import check_sigma
 from ._images import check_images
 from .coreset import CoresetSampler
-from .detector import PatchCoreDetector, upsample_maps
-from .features import FeatureExtractor, _as_hw, frame_geometry
+from .detector import PatchCoreDetector
+from .features import FeatureExtractor
+from .padim import PaDiMDetector
+from .spade import SPADEDetector
 
 __all__ = ["PatchCorePipeline", "make_anomaly_pipeline", "make_patchcore"]
 
@@ -24,68 +31,64 @@ def _final_has(name):
     return check
 
 
-def _extractor_of(pipeline):
-    for _, step in pipeline.steps[:-1]:
-        if isinstance(step, FeatureExtractor):
-            return step
-    raise AttributeError(
-        "predict_map on raw images needs a FeatureExtractor step to know the resize; call "
-        "the final step's predict_map on features instead."
-    )
+def _as_one_array(maps):
+    """A list of maps -> one array when they share a shape, else the list."""
+    if len({m.shape for m in maps}) == 1:
+        return np.stack(maps)
+    return maps
 
 
 class PatchCorePipeline(Pipeline):
-    """:class:`~sklearn.pipeline.Pipeline` that also forwards ``predict_map`` and
-    ``predict_mask``, mapping anomaly maps back to every input image's own pixels.
+    """:class:`~sklearn.pipeline.Pipeline` that also forwards ``score_and_map``,
+    ``predict_map``, ``predict_mask`` and ``calibrate``, with maps on every input image's
+    own pixels.
 
-    It behaves exactly like a Pipeline otherwise (``clone``, slicing, ``GridSearchCV``).
-    The two extra methods are available when the final step has ``predict_map``.
+    It behaves exactly like a Pipeline otherwise (``fit``, ``clone``, slicing, ``memory=``,
+    ``GridSearchCV``); a plain Pipeline of the same steps fits the identical model in the
+    same bounded memory. The extra methods are available when the final step has them, and
+    the maps need a :class:`FeatureExtractor` step (it knows the resize to undo).
     """
 
-    def fit(self, X, y=None, **params):
-        """Fit the steps; features -> coreset -> PatchCore streams in bounded memory.
+    def _extractor(self):
+        for _, step in self.steps[:-1]:
+            if isinstance(step, FeatureExtractor):
+                return step
+        raise AttributeError(
+            "Maps on raw images need a FeatureExtractor step to know the resize; call the "
+            "final step's predict_map on features instead."
+        )
 
-        For the standard three steps (:func:`make_patchcore`, no ``memory``, no fit
-        parameters) the training features are never held in memory at once: each batch of
-        images is embedded, randomly projected for the coreset selection and written to a
-        temporary file; the selected rows are read back into the memory bank, and the
-        leave-one-out training scores read the file a few images at a time. The result is
-        identical to fitting the steps one after another. Any other pipeline fits as
-        :meth:`sklearn.pipeline.Pipeline.fit` does.
+    def _features(self, X):
+        Xt = X
+        for _, _, step in self._iter(with_final=False):
+            Xt = step.transform(Xt)
+        return Xt
+
+    @available_if(_final_has("score_and_map"))
+    def score_and_map(self, X, sigma=4.0):
+        """Image scores and pixel anomaly maps from one pass (each search done once).
 
         Parameters
         ----------
         X : images
-            Normal training images, in any form FeatureExtractor accepts.
-        y : array-like of shape (n_images,), default=None
-            Images labelled -1 are left out of the memory bank.
-        **params
-            Fit parameters routed as in :class:`~sklearn.pipeline.Pipeline`.
+            Any form FeatureExtractor accepts.
+        sigma : float, default=4.0
+            Gaussian smoothing of the maps, in pixels of the network input (the paper's code
+            uses 4 at 224 px); 0 disables.
 
         Returns
         -------
-        self : PatchCorePipeline
+        scores : ndarray of shape (n,), float64
+            ``score_samples(X)``: lower = more abnormal.
+        maps : ndarray (n, H, W) when all images share one size, else a list of (H_i, W_i),
+            float32
+            As :meth:`predict_map`: higher = more anomalous.
         """
-        if params or not self._streams():
-            return super().fit(X, y, **params)
-        self._validate_params()
-        self._validate_steps()
-        extractor, sampler, detector = (step for _, step in self.steps)
+        check_sigma(sigma)
+        extractor = self._extractor()
         images = check_images(X)
-        extractor.fit(images)
-        sample_shape = tuple(extractor.grid_shape_) + (extractor.feature_dim_,)
-        bank = sampler._fit_stream(extractor._iter_batches(images), len(images), sample_shape, y)
-        try:
-            detector.fit(bank)
-        finally:
-            bank.source.close()
-        return self
-
-    def _streams(self):
-        kinds = (FeatureExtractor, CoresetSampler, PatchCoreDetector)
-        return (self.memory is None and len(self.steps) == len(kinds)
-                and all(type(step) is kind for (_, step), kind in zip(self.steps, kinds,
-                                                                        strict=True)))
+        scores, grids = self._final_estimator.score_and_map(self._features(images))
+        return scores, _as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
 
     @available_if(_final_has("predict_map"))
     def predict_map(self, X, sigma=4.0):
@@ -106,27 +109,20 @@ class PatchCorePipeline(Pipeline):
             is upsampled bilinearly to the network input, smoothed, placed back into the
             resized frame (pixels outside a ``crop_size`` crop get 0, i.e. no evidence), cut
             to the image's place in the frame (letterbox) and resized to the original size:
-            the extractor's resize, padding and crop are undone.
+            the extractor's resize, padding and crop are undone
+            (:meth:`FeatureExtractor.maps_to_images`).
         """
+        check_sigma(sigma)
+        extractor = self._extractor()
         images = check_images(X)
-        sizes = images.sizes()
-        Xt = images
-        for _, _, step in self._iter(with_final=False):
-            Xt = step.transform(Xt)
-        grids = self._final_estimator.predict_map(Xt)
-        maps = _grids_to_images(grids, sizes, _extractor_of(self), sigma)
-        if len({m.shape for m in maps}) == 1:
-            return np.stack(maps)
-        return maps
+        grids = self._final_estimator.predict_map(self._features(images))
+        return _as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
 
     @available_if(_final_has("calibrate"))
     def calibrate(self, X, fpr=0.01):
         """Set the final detector's threshold from held-out normal images (see
         :meth:`PatchCoreDetector.calibrate`); returns self."""
-        Xt = X
-        for _, _, step in self._iter(with_final=False):
-            Xt = step.transform(Xt)
-        self._final_estimator.calibrate(Xt, fpr=fpr)
+        self._final_estimator.calibrate(self._features(X), fpr=fpr)
         return self
 
     @available_if(_final_has("predict_map"))
@@ -153,31 +149,6 @@ class PatchCorePipeline(Pipeline):
         if isinstance(maps, list):
             return [m > threshold for m in maps]
         return maps > threshold
-
-
-def _grids_to_images(grids, sizes, extractor, sigma):
-    """Undo the extractor's resize (and crop) for each patch grid."""
-    resized = _as_hw(extractor.image_size, "image_size")
-    mode = extractor.resize_mode
-    crop = _as_hw(extractor.crop_size, "crop_size")
-    net_in = crop if crop is not None else resized
-    up = upsample_maps(grids, net_in, sigma)
-    out = []
-    for amap, (h, w) in zip(up, sizes, strict=True):
-        if crop is not None:
-            frame = np.zeros(resized, dtype=np.float32)
-            top, left = (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2
-            frame[top : top + crop[0], left : left + crop[1]] = amap
-            amap = frame
-        top, left, nh, nw = frame_geometry((h, w), resized, mode)
-        amap = amap[top : top + nh, left : left + nw]
-        if amap.shape != (h, w):
-            amap = F.interpolate(
-                torch.from_numpy(np.ascontiguousarray(amap))[None, None], size=(h, w),
-                mode="bilinear", align_corners=False,
-            )[0, 0].numpy()
-        out.append(amap.astype(np.float32))
-    return out
 
 
 def make_patchcore(**params):
@@ -224,9 +195,6 @@ def make_anomaly_pipeline(method="patchcore", **params):
     -------
     pipeline : PatchCorePipeline
     """
-    from .padim import PaDiMDetector
-    from .spade import SPADEDetector
-
     detectors = {"patchcore": PatchCoreDetector, "spade": SPADEDetector,
                  "padim": PaDiMDetector}
     if method not in detectors:

@@ -5,27 +5,14 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import ThresholdMixin, contamination_offset
-from ._utils import resolve_device
-from .coreset import MemoryBank, check_features, normal_mask, validate_features
-from .detector import upsample_maps
-from .neighbors import make_index
+from ._base import MemoryBankDetector, contamination_offset, mean_finite
+from ._validation import validate_features
 
 __all__ = ["SPADEDetector"]
-
-
-def _mean_knn(dist):
-    """Mean of kNN distances (n, k) over the finite ones (inf marks a missing neighbour)."""
-    if dist.shape[1] == 1:
-        return dist[:, 0]
-    finite = np.isfinite(dist)
-    count = finite.sum(axis=1)
-    total = np.where(finite, dist, 0.0).sum(axis=1)
-    return np.where(count > 0, total / np.maximum(count, 1), np.inf)
 
 
 def _pool(X):
@@ -37,7 +24,7 @@ def _pool(X):
     )
 
 
-class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class SPADEDetector(MemoryBankDetector):
     """SPADE: nearest-neighbour anomaly scores on pooled images and on patches.
 
     Semantic Pyramid Anomaly Detection (Cohen & Hoshen, 2020) on the same patch features
@@ -87,6 +74,8 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         The training sample (row of ``image_features_``) each bank row comes from.
     image_features_ : ndarray of shape (n_train, d), float32
         Globally average-pooled feature of every normal training sample.
+    train_row_keys_, train_row_samples_ : ndarray of shape (n_train,) or None
+        For 2-D rows only: the tabular leave-one-out record (see Notes).
     offset_ : float
         ``decision_function = score_samples - offset_``.
     n_features_in_ : int
@@ -104,11 +93,11 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     -----
     Accepted X: feature grids (n_images, h, w, d) from :class:`FeatureExtractor`, a
     :class:`MemoryBank` from :class:`CoresetSampler` (its rows become the patch bank; the
-    pooled image bank is built from the full normal training grids it keeps in ``source``;
-    y is then ignored), or 2-D rows (n_samples, n_features), each row one sample with a
-    single patch: the image score is then the mean distance to the ``n_image_neighbors``
-    nearest training rows, a plain kNN outlier detector. With ``y``, samples labelled -1 are
-    left out of both banks.
+    pooled image bank is built from the full normal training grids it carries in
+    ``training_features``; y is then ignored), :class:`PatchFeatures`, or 2-D rows
+    (n_samples, n_features), each row one sample with a single patch: the image score is
+    then the mean distance to the ``n_image_neighbors`` nearest training rows, a plain kNN
+    outlier detector. With ``y``, samples labelled -1 are left out of both banks.
 
     Differences from the paper. The paper pools the last convolutional layer of the network
     for the image-level kNN; here the pooled feature is the mean of the same mid-level patch
@@ -186,44 +175,29 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : MemoryBank, ndarray of shape (n_images, h, w, d), or array-like (n_samples, d)
+        X : MemoryBank, PatchFeatures, ndarray of shape (n_images, h, w, d), or array-like \
+(n_samples, d)
             Normal training features (see Notes).
         y : array-like of shape (n,), default=None
-            Samples labelled -1 are left out; None means all are normal. Ignored for a
-            MemoryBank.
+            +1 normal, -1 anomalous (left out); None means all are normal. Ignored for a
+            MemoryBank (its sampler applied it).
 
         Returns
         -------
         self : SPADEDetector
         """
-        if isinstance(X, MemoryBank) and X.groups is not None:
-            source = check_features(X.source, "MemoryBank.source")
-            bank, groups = np.asarray(X), np.asarray(X.groups, dtype=np.int64)
-            self.n_features_in_ = bank.shape[1]
-        else:
-            source = validate_features(self, X, reset=True)
-            keep = normal_mask(y, source.shape[0])
-            if keep is not None:
-                source = source[keep]
-            per_sample = int(np.prod(source.shape[1:-1], dtype=np.int64))
-            bank = source.reshape(-1, source.shape[-1])
-            groups = np.repeat(np.arange(source.shape[0], dtype=np.int64), per_sample)
-        n_train = source.shape[0]
-        if n_train < 2:
-            raise ValueError(
-                f"SPADEDetector needs at least 2 normal training samples (leave-one-out "
-                f"training scores set offset_), got n_samples={n_train}."
-            )
+        bank = self._bank_from(X, y)
+        rows, groups = bank.rows, bank.sample_index
         if np.any(np.diff(groups) < 0):  # coreset rows: group them by training sample
             order = np.argsort(groups, kind="stable")
-            bank, groups = bank[order], groups[order]
-        self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
+            rows, groups = rows[order], groups[order]
+        self.memory_bank_ = np.ascontiguousarray(rows, dtype=np.float32)
         self.bank_sample_index_ = groups
-        self.image_features_ = _pool(source)
-        self._patch_index = self._image_index = None
-        self._get_image_index(), self._get_patch_index()  # built once, here (cheap)
-        train_groups = np.arange(n_train)
-        train_scores = -self._image_anomaly(source, train_groups)
+        features = bank.training_features
+        self.image_features_ = self._map_chunks(lambda chunk, _: _pool(chunk), features)
+        self._reset_indexes()
+        train_scores = -self._map_chunks(self._image_anomaly, features,
+                                         np.arange(len(features)), desc="train scores")
         self.offset_ = contamination_offset(train_scores, self.contamination, "SPADEDetector")
         return self
 
@@ -244,35 +218,7 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = validate_features(self, X, reset=False)
-        groups = self._self_match(X) if X.ndim == 2 else None
-        return -self._image_anomaly(X, groups)
-
-    def predict_map(self, X, output_size=None, sigma=4.0):
-        """Patch anomaly maps: mean distance to the ``n_neighbors`` nearest bank rows.
-
-        Parameters
-        ----------
-        X : ndarray of shape (n_images, h, w, d)
-            Test feature grids.
-        output_size : (int, int) or None, default=None
-            None returns the patch-score grids (n, h, w). Otherwise each grid is upsampled
-            bilinearly to (H, W) and smoothed with a Gaussian of standard deviation ``sigma``
-            output pixels.
-        sigma : float, default=4.0
-            Gaussian smoothing in output pixels (0 disables); used only with output_size.
-
-        Returns
-        -------
-        maps : ndarray of shape (n, h, w) or (n, H, W), float32
-            Higher = more anomalous.
-        """
-        check_is_fitted(self)
-        X = check_features(X, "X", allow_2d=False)
-        validate_features(self, X, reset=False)
-        grids = self._patch_scores(X).reshape(X.shape[:-1]).astype(np.float32)
-        if output_size is None:
-            return grids
-        return upsample_maps(grids, output_size, sigma)
+        return -self._map_chunks(self._image_anomaly, X, self._training_samples_of(X))
 
     def score_and_map(self, X):
         """``score_samples(X)`` and ``predict_map(X)`` together.
@@ -292,57 +238,39 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             As :meth:`predict_map` with ``output_size=None`` (higher = more anomalous).
         """
         check_is_fitted(self)
-        X = check_features(X, "X", allow_2d=False)
-        validate_features(self, X, reset=False)
-        patch = self._patch_scores(X)
-        if self.image_score == "max":
-            scores = -patch.max(axis=1)
-        else:
-            scores = -self._image_anomaly(X)
-        return scores, patch.reshape(X.shape[:-1]).astype(np.float32)
+        X = self._check_grids(X)
+
+        def both(chunk, _):
+            patch = self._patch_scores(chunk)
+            image = patch.max(axis=1) if self.image_score == "max" else self._image_anomaly(
+                chunk)
+            return image, patch.reshape(chunk.shape[:-1])
+
+        image, grids = self._map_chunks(both, X)
+        return -image, grids.astype(np.float32)
 
     # --------------------------------------------------------------- internals
-    def _get_image_index(self):
-        if getattr(self, "_image_index", None) is None:
-            device = resolve_device(self.device)
-            self._image_index = make_index(self.image_features_, self.knn_backend, device,
-                                           random_state=0)
-        return self._image_index
-
-    def _get_patch_index(self):
-        if getattr(self, "_patch_index", None) is None:
-            device = resolve_device(self.device)
-            self._patch_index = make_index(self.memory_bank_, self.knn_backend, device,
-                                           random_state=0)
-        return self._patch_index
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_patch_index", None)
-        state.pop("_image_index", None)
-        return state
-
-    def _self_match(self, X):
-        """Rows identical to a training row: that row's index, else -1 (tabular LOO)."""
-        dist, nn = self._get_image_index().query(X, k=1)
-        return np.where(dist[:, 0] == 0.0, nn[:, 0], -1)
+    def _patch_grids(self, X):
+        return self._map_chunks(
+            lambda chunk, _: self._patch_scores(chunk).reshape(chunk.shape[:-1]), X
+        ).astype(np.float32)
 
     def _image_anomaly(self, X, groups=None):
         """Image anomaly scores (n,); ``groups[i]`` is the training sample X[i] must not
         be matched with (leave-one-out), or -1."""
         if self.image_score == "max":
             return self._patch_scores(X, groups).max(axis=1)
-        image_index = self._get_image_index()
+        image_index = self._index("images", self.image_features_)
         k = min(self.n_image_neighbors, len(image_index))
         kw = {}
         if groups is not None:
             kw = {"query_groups": groups, "bank_groups": np.arange(len(image_index))}
         dist, _ = image_index.query(_pool(X), k=k, **kw)
-        return _mean_knn(dist)
+        return mean_finite(dist)
 
     def _patch_scores(self, X, groups=None):
         """Patch scores (n, patches per sample), optionally leave-one-out by sample."""
-        patch_index = self._get_patch_index()
+        patch_index = self._index("bank", self.memory_bank_)
         n = X.shape[0]
         rows = X.reshape(-1, X.shape[-1])
         per_sample = rows.shape[0] // n
@@ -353,9 +281,4 @@ class SPADEDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
                 "bank_groups": self.bank_sample_index_,
             }
         dist, _ = patch_index.query(rows, k=self.n_neighbors, **kw)
-        return _mean_knn(dist).reshape(n, per_sample)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = False
-        return tags
+        return mean_finite(dist).reshape(n, per_sample)

@@ -30,3 +30,24 @@ def mtd_root():
     if not MTD_ROOT.is_dir():
         pytest.skip("../shared/datasets/mtd is not present")
     return MTD_ROOT
+
+
+@pytest.fixture(scope="session")
+def grid_data():
+    """Feature grids without a network: 30 normal grids (6 x 6 x 8) around one mean, and
+    test grids: 4 normal, 4 with one far-off cell at (2, 3)."""
+    rng = np.random.RandomState(0)
+    mean = rng.randn(6, 6, 8).astype(np.float32)
+    train = (mean + 0.1 * rng.randn(30, 6, 6, 8)).astype(np.float32)
+    test = (mean + 0.1 * rng.randn(8, 6, 6, 8)).astype(np.float32)
+    test[4:, 2, 3] += 3.0
+    y_test = np.array([1] * 4 + [-1] * 4)
+    return train, test, y_test
+
+
+def all_detectors():
+    """One unfitted instance of every detector, for the shared contract tests."""
+    from skpatchcore import PaDiMDetector, PatchCoreDetector, SPADEDetector
+
+    return [PatchCoreDetector(), SPADEDetector(), SPADEDetector(image_score="max"),
+            PaDiMDetector(n_features=6, random_state=0)]

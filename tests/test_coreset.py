@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skpatchcore import CoresetSampler, MemoryBank
+from skpatchcore import CoresetSampler, MemoryBank, PatchFeatures
 
 
 def _covering_radius(points, selected):
@@ -16,12 +16,13 @@ def test_fit_transform_returns_selected_rows():
     F = rng.rand(6, 5, 5, 16).astype(np.float32)
     sampler = CoresetSampler(sampling_ratio=0.1, random_state=0)
     bank = sampler.fit_transform(F)
-    assert isinstance(bank, MemoryBank) and bank.dtype == np.float32
+    assert isinstance(bank, MemoryBank) and bank.rows.dtype == np.float32
     assert bank.shape == (15, 16)
-    np.testing.assert_array_equal(bank, F.reshape(-1, 16)[sampler.sample_indices_])
+    np.testing.assert_array_equal(bank.rows, F.reshape(-1, 16)[sampler.sample_indices_])
+    np.testing.assert_array_equal(np.asarray(bank), bank.rows)
     assert len(set(sampler.sample_indices_.tolist())) == 15
-    np.testing.assert_array_equal(bank.groups, sampler.sample_indices_ // 25)
-    assert bank.source is not None and bank.source.shape == F.shape
+    np.testing.assert_array_equal(bank.sample_index, sampler.sample_indices_ // 25)
+    np.testing.assert_array_equal(np.asarray(bank.training_features), F)
     # transform passes test features through untouched
     assert sampler.transform(F) is F
     # fit alone selects the same rows
@@ -55,14 +56,12 @@ def test_y_drops_anomalous_images_and_indices_refer_to_input():
     bank = sampler.fit_transform(F, y)
     assert bank.shape == (8, 3)
     assert not np.isin(sampler.sample_indices_ // 4, [1]).any()
-    np.testing.assert_array_equal(bank, F.reshape(-1, 3)[sampler.sample_indices_])
-    assert bank.source.shape == (4, 2, 2, 3)
-
-
-def test_memory_bank_slices_forget_provenance():
-    bank = CoresetSampler(0.5, random_state=0).fit_transform(np.random.RandomState(0).rand(10, 3))
-    assert bank.groups is not None
-    assert bank[:2].groups is None and (bank * 2).groups is None
+    np.testing.assert_array_equal(bank.rows, F.reshape(-1, 3)[sampler.sample_indices_])
+    # the bank's training features are the normal images, and sample_index points into them
+    kept = F[y == 1]
+    np.testing.assert_array_equal(np.asarray(bank.training_features), kept)
+    np.testing.assert_array_equal(bank.rows, kept.reshape(4, 4, 3)[
+        bank.sample_index, sampler.sample_indices_ % 4])
 
 
 def test_bad_input():
@@ -106,9 +105,10 @@ def test_property_covering_radius(n, d, ratio, seed):
     drop=st.lists(st.integers(0, 11), max_size=3),
     seed=st.integers(0, 2**16),
 )
-def test_property_streamed_selection_equals_in_memory(n, batch, ratio, drop, seed):
-    """Features arriving in batches (projection in memory, rows spilled to disk) select the
-    same rows, radius and bank as the whole array at once."""
+def test_property_spilled_features_select_like_an_array(n, batch, ratio, drop, seed):
+    """Features in a PatchFeatures spilled to disk (appended batch by batch, as
+    FeatureExtractor.fit_transform does) select the same rows, radius and bank as the whole
+    array at once, with and without labels."""
     F = np.random.RandomState(seed).randn(n, 3, 4, 8).astype(np.float32)
     y = np.ones(n, dtype=int)
     y[[i for i in drop if i < n]] = -1
@@ -116,34 +116,14 @@ def test_property_streamed_selection_equals_in_memory(n, batch, ratio, drop, see
         y[0] = 1
     ref = CoresetSampler(sampling_ratio=ratio, projection_dim=5, random_state=seed)
     bank_ref = ref.fit_transform(F, y)
-    st_ = CoresetSampler(sampling_ratio=ratio, projection_dim=5, random_state=seed)
-    batches = ((s, F[s : s + batch]) for s in range(0, n, batch))
-    bank = st_._fit_stream(batches, n, F.shape[1:], y)
-    try:
-        np.testing.assert_array_equal(st_.sample_indices_, ref.sample_indices_)
-        assert st_.coverage_radius_ == ref.coverage_radius_
-        np.testing.assert_array_equal(bank, bank_ref)
-        np.testing.assert_array_equal(bank.groups, bank_ref.groups)
-        np.testing.assert_array_equal(bank.source[0 : len(bank.source)], bank_ref.source)
-    finally:
-        bank.source.close()
-
-
-def test_spilled_features_read_back_exactly():
-    from skpatchcore.coreset import SpilledFeatures
-
-    F = np.random.RandomState(1).rand(7, 2, 3, 4).astype(np.float32)
-    spill = SpilledFeatures(F.shape[1:])
-    for s in range(0, 7, 3):
-        spill.append(F[s : s + 3])
-    assert spill.shape == F.shape and len(spill) == 7 and spill.ndim == 4
-    np.testing.assert_array_equal(spill[2:5], F[2:5])
-    np.testing.assert_array_equal(spill[5:], F[5:])
-    rows = np.array([41, 0, 33, 7, 7, 20])
-    np.testing.assert_array_equal(spill.take_rows(rows, chunk_samples=2),
-                                  F.reshape(-1, 4)[rows])
-    with pytest.raises(ValueError, match="shape"):
-        spill.append(np.zeros((1, 2, 3, 5), np.float32))
-    with pytest.raises(TypeError, match="slices"):
-        spill[[0, 1]]
-    spill.close()
+    feats = PatchFeatures(F.shape[1:], max_memory_mb=0)
+    for s in range(0, n, batch):
+        feats.append(F[s : s + batch])
+    assert feats.spilled
+    sampler = CoresetSampler(sampling_ratio=ratio, projection_dim=5, random_state=seed)
+    bank = sampler.fit_transform(feats, y)
+    np.testing.assert_array_equal(sampler.sample_indices_, ref.sample_indices_)
+    assert sampler.coverage_radius_ == ref.coverage_radius_
+    np.testing.assert_array_equal(bank.rows, bank_ref.rows)
+    np.testing.assert_array_equal(bank.sample_index, bank_ref.sample_index)
+    np.testing.assert_array_equal(np.asarray(bank.training_features), F[y == 1])

@@ -9,7 +9,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 
 from skpatchcore import CoresetSampler, PatchCoreDetector
-from skpatchcore.detector import upsample_maps
+from skpatchcore._geometry import upsample_maps
 
 
 def _brute_scores(bank, grids, b):
@@ -248,7 +248,7 @@ def test_repeated_edge_cells_are_searched_once_with_identical_results():
 
 
 def test_many_samples_are_scored_in_bounded_chunks_with_identical_results(monkeypatch):
-    import skpatchcore.detector as detector_module
+    import skpatchcore._base as base_module
 
     rng = np.random.RandomState(1)
     train, test = rng.randn(5, 4, 4, 6), rng.randn(9, 4, 4, 6)
@@ -257,7 +257,7 @@ def test_many_samples_are_scored_in_bounded_chunks_with_identical_results(monkey
     rows = rng.randn(50, 3)
     tab = PatchCoreDetector(contamination=0.1).fit(rows)
     tab_scores = tab.score_samples(rows)
-    monkeypatch.setattr(detector_module, "_SCORE_CHUNK_ROWS", 20)  # 1 image, 20 rows a chunk
+    monkeypatch.setattr(base_module, "SCORE_CHUNK_ROWS", 20)  # 1 image, 20 rows a chunk
     chunked = PatchCoreDetector().fit(train)
     assert chunked.offset_ == det.offset_
     s2, m2 = chunked.score_and_map(test)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skpatchcore._visualize import colorize
 from skpatchcore.datasets import make_defect_images
 from skpatchcore.evaluate import evaluate, main
-from skpatchcore.visualize import colorize
 
 
 @pytest.fixture(scope="module")

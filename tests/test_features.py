@@ -69,10 +69,10 @@ def test_features_are_local(fitted):
 def test_patch_size_averages_neighbourhood():
     rng = np.random.RandomState(0)
     X = (rng.rand(2, 64, 64, 3) * 255).astype(np.uint8)
-    F1 = FeatureExtractor(image_size=64, patch_size=1, layers=["blocks.2"],
-                          border=0).fit_transform(X)
-    F3 = FeatureExtractor(image_size=64, patch_size=3, layers=["blocks.2"],
-                          border=0).fit_transform(X)
+    F1 = np.asarray(FeatureExtractor(image_size=64, patch_size=1, layers=["blocks.2"],
+                                     border=0).fit_transform(X))
+    F3 = np.asarray(FeatureExtractor(image_size=64, patch_size=3, layers=["blocks.2"],
+                                     border=0).fit_transform(X))
     # interior cell of the 3x3 average equals the mean of the 1x1 features around it
     np.testing.assert_allclose(F3[:, 3, 4], F1[:, 2:5, 3:6].mean(axis=(1, 2)), atol=1e-5)
     # border cells average only the existing neighbours

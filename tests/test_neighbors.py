@@ -269,7 +269,7 @@ def test_detectors_accept_pynndescent(nnd):
     test = np.concatenate([make_grids(12, seed=2), make_grids(6, seed=3, shift=1.5)])
     exact = PatchCoreDetector(knn_backend="exact").fit(train)
     approx = PatchCoreDetector(knn_backend="pynndescent").fit(train)
-    assert isinstance(approx._get_index(), NNDescentIndex)
+    assert isinstance(approx._index("bank", approx.memory_bank_), NNDescentIndex)
     s_exact, s_approx = exact.score_samples(test), approx.score_samples(test)
     assert spearmanr(s_exact, s_approx).statistic > 0.99
     np.testing.assert_allclose(s_approx, s_exact, rtol=0.05)

@@ -63,7 +63,7 @@ def test_calibrate_threshold_from_normal_images(defects, tmp_path):
     assert loaded[-1].offset_ == pipe[-1].offset_
     with pytest.warns(UserWarning, match="fewer than one false positive"):
         pipe.calibrate(X[12:16], fpr=0.01)
-    with pytest.raises(ValueError, match="fpr must be in"):
+    with pytest.raises(ValueError, match="fpr must be"):
         pipe.calibrate(X[12:16], fpr=1.5)
 
 

@@ -182,7 +182,7 @@ def test_patchcore_pipeline_survives_clone_slicing_and_search(defects):
 
 
 def test_letterbox_and_crop_are_undone():
-    from skpatchcore.features import frame_geometry
+    from skpatchcore._geometry import frame_geometry
 
     assert frame_geometry((100, 200), (64, 64), "letterbox") == (16, 0, 32, 64)
     assert frame_geometry((100, 200), (64, 64), "stretch") == (0, 0, 64, 64)
@@ -201,19 +201,77 @@ def test_letterbox_and_crop_are_undone():
         assert 8 <= r <= 40 and 56 <= c <= 92, (kw, r, c)
 
 
-def test_streamed_fit_equals_fitting_step_by_step(defects):
-    """PatchCorePipeline.fit streams features (bounded memory); the fitted model must be
-    exactly the one a plain Pipeline gets from the full feature array."""
+def _steps(memory_mb=128):
+    return [("features", FeatureExtractor(image_size=64, batch_size=5,
+                                          feature_memory_mb=memory_mb)),
+            ("coreset", CoresetSampler(sampling_ratio=0.1, random_state=0)),
+            ("detector", PatchCoreDetector())]
+
+
+def test_one_model_however_the_pipeline_is_fitted(defects, tmp_path):
+    """The plain Pipeline, make_patchcore, Pipeline(memory=...) on its first fit and on a
+    cache hit, a pickled-and-restored fitted pipeline, features spilled to disk, and the
+    detector fitted on a copied (or pickled) bank all give identical offset_, scores and
+    maps: the fit-time contract is an explicit container, not attributes on an array."""
     X, y, _ = defects
-    streamed = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0, batch_size=5)
-    assert streamed._streams()
-    streamed.fit(X, y)
-    plain = Pipeline(list(make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0,
-                                         batch_size=5).steps)).fit(X, y)
-    np.testing.assert_array_equal(streamed["coreset"].sample_indices_,
-                                  plain["coreset"].sample_indices_)
-    np.testing.assert_array_equal(streamed[-1].memory_bank_, plain[-1].memory_bank_)
-    assert streamed[-1].offset_ == plain[-1].offset_
-    np.testing.assert_array_equal(streamed.score_samples(X[20:]), plain.score_samples(X[20:]))
-    # anything but the standard three steps fits as a plain Pipeline does
-    assert not PatchCorePipeline(streamed.steps[:1] + streamed.steps[2:])._streams()
+    train, test = X[:20], X[20:]
+    ref = Pipeline(_steps()).fit(train)
+    ref_scores, ref_maps = ref.score_samples(test), ref[-1].predict_map(ref[:-1].transform(test))
+    fitted = {
+        "make_patchcore": make_patchcore(image_size=64, batch_size=5, sampling_ratio=0.1,
+                                         random_state=0).fit(train),
+        "memory first fit": Pipeline(_steps(), memory=str(tmp_path)).fit(train),
+        "memory cache hit": Pipeline(_steps(), memory=str(tmp_path)).fit(train),
+        "pickled": pickle.loads(pickle.dumps(ref)),
+        "spilled to disk": Pipeline(_steps(memory_mb=0)).fit(train),
+    }
+    features = FeatureExtractor(image_size=64).fit_transform(train)
+    bank = CoresetSampler(sampling_ratio=0.1, random_state=0).fit_transform(features)
+    for name, b in (("copied bank", bank.copy()), ("pickled bank", pickle.loads(
+            pickle.dumps(bank))), ("bank", bank)):
+        fitted[name] = Pipeline([("features", ref[0]), ("detector",
+                                                       PatchCoreDetector().fit(b))])
+    assert fitted["memory cache hit"][1] is not fitted["memory first fit"][1]
+    for name, pipe in fitted.items():
+        assert pipe[-1].offset_ == ref[-1].offset_, name
+        np.testing.assert_array_equal(pipe[-1].memory_bank_, ref[-1].memory_bank_, name)
+        np.testing.assert_array_equal(pipe.score_samples(test), ref_scores, name)
+        np.testing.assert_array_equal(pipe[-1].predict_map(pipe[:-1].transform(test)),
+                                      ref_maps, name)
+
+
+def test_fit_transform_spills_beyond_the_memory_budget(defects):
+    X, _, _ = defects
+    small = FeatureExtractor(image_size=64, feature_memory_mb=0).fit_transform(X[:6])
+    big = FeatureExtractor(image_size=64, feature_memory_mb=None).fit_transform(X[:6])
+    assert small.spilled and not big.spilled
+    dense = FeatureExtractor(image_size=64).fit(X[:6]).transform(X[:6])
+    np.testing.assert_array_equal(np.asarray(small), dense)
+    np.testing.assert_array_equal(np.asarray(big), dense)
+
+
+def test_score_and_map_equals_score_samples_and_predict_map(defects):
+    X, _, _ = defects
+    pipe = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0).fit(X[:16])
+    sizes = [np.asarray(X[16]), np.asarray(X[17])[:, :40]]  # two sizes: a list of maps
+    scores, maps = pipe.score_and_map(sizes, sigma=2.0)
+    np.testing.assert_array_equal(scores, pipe.score_samples(sizes))
+    expected = pipe.predict_map(sizes, sigma=2.0)
+    assert isinstance(maps, list) and [m.shape for m in maps] == [(64, 64), (64, 40)]
+    for got, want in zip(maps, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="sigma"):
+        pipe.score_and_map(sizes, sigma=-1)
+
+
+def test_grid_search_in_two_processes_equals_one(defects):
+    """GridSearchCV(n_jobs=2) sends the pipeline and images to worker processes; the
+    containers are built there and every fold's score equals the single-process run."""
+    X, y, _ = defects
+    grid = {"coreset__sampling_ratio": [0.05, 0.2]}
+    cv = StratifiedKFold(n_splits=2, shuffle=True, random_state=0)
+    runs = [GridSearchCV(_pipe(), grid, scoring="roc_auc", cv=cv, n_jobs=n).fit(X, y)
+            for n in (1, 2)]
+    for key in ("split0_test_score", "split1_test_score"):
+        np.testing.assert_array_equal(runs[0].cv_results_[key], runs[1].cv_results_[key])
+    assert runs[0].best_estimator_[-1].offset_ == runs[1].best_estimator_[-1].offset_
