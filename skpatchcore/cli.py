@@ -2,13 +2,19 @@
 
 Exit codes: 0 success; 2 bad input (missing path, empty folder, unreadable image or model,
 bad option), with one ``error: ...`` line on stderr and no traceback; 130 interrupted.
+Every option and path is checked before any image is read (docs/cli.md lists the
+guarantees).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,31 +45,132 @@ def _collect_images(inputs):
     return paths
 
 
-def _cmd_fit(args):
-    from ._options import model_params
+def _model_destination(output):
+    """The file ``fit -o`` will write (``.npz`` appended when missing), checked before the
+    fit: its folder must exist or be creatable and be writable, and it must not be a
+    folder."""
+    if not str(output).strip():
+        raise ValueError("-o/--output is empty; give the model file to write, e.g. -o "
+                         "model.npz.")
+    path = Path(output)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    if path.is_dir() or Path(output).is_dir():
+        raise ValueError(f"-o {output}: {str(path)!r} is a folder; give a file name such as "
+                         f"{str(Path(output) / 'model.npz')!r}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"-o {output}: cannot write in {str(path.parent)!r} "
+                         f"({exc.strerror or exc}); choose a writable folder.") from None
+    return path
+
+
+def _save_or_keep(model, path, args):
+    """Save the fitted model; when that fails, save it to a fallback file instead of
+    losing the fit, and say where."""
     from .persistence import save_model
+
+    try:
+        return save_model(model, path)
+    except (OSError, ValueError) as exc:
+        fallback = Path(tempfile.gettempdir()) / f"skpatchcore-model-{os.getpid()}.npz"
+        try:
+            save_model(model, fallback)
+        except (OSError, ValueError):
+            raise exc from None
+        raise OSError(f"could not write {str(path)!r} ({exc}); the fitted model was saved "
+                      f"to {str(fallback)!r} instead: move it where you want it.") from None
+
+
+def _cmd_fit(args):
+    from ._base import check_fpr
+    from ._options import model_params
     from .pipeline import make_anomaly_pipeline
 
+    # everything that can be wrong is found before the first image is read
     train = _collect_images(args.train_dir)
-    pipe = make_anomaly_pipeline(
-        args.method, **model_params(args), contamination=_contamination(args.contamination),
-        verbose=not args.quiet,
-    )
+    normal = _collect_images(args.calibrate) if args.calibrate else None
+    if normal is not None:
+        try:
+            check_fpr(args.fpr)
+        except ValueError:
+            raise ValueError(f"--fpr {args.fpr}: the target false-positive rate must lie "
+                             "strictly between 0 and 1, e.g. --fpr 0.01.") from None
+    path = _model_destination(args.output)
+    pipe = make_anomaly_pipeline(args.method, **model_params(args),
+                                 contamination=args.contamination, verbose=not args.quiet)
+    pipe[0].fit()  # checks the feature options (network, sizes, patch, border) quickly
+    for _, step in pipe.steps[1:]:
+        step._validate_params()
     start = time.perf_counter()
     pipe.fit(train)
     seconds = time.perf_counter() - start
-    if args.calibrate:
-        normal = _collect_images(args.calibrate)
+    if normal is not None:
         pipe.calibrate(normal, fpr=args.fpr)
         _say(args, f"threshold calibrated on {len(normal)} normal images for FPR {args.fpr}")
-    path = save_model(pipe, args.output)
+    path = _save_or_keep(pipe, path, args)
     _say(args, f"fitted {args.method} on {len(train)} images in {seconds:.1f} s; "
                f"model written to {path}")
     return 0
 
 
-def _contamination(value):
-    return value if value == "auto" else float(value)
+def _contamination(text):
+    """``--contamination``: 'auto' or a fraction in (0, 0.5]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 0.5:
+        raise argparse.ArgumentTypeError(
+            f"--contamination must be 'auto' or a fraction in (0, 0.5] (the share of good "
+            f"training images to flag), got {text!r}")
+    return value
+
+
+def _finite(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _check_out_folder(out, overwrite):
+    """``predict --out``: a new or empty folder, or (with --overwrite) one of our runs."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file of that name exists; give a folder name.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: the folder is not empty; choose a new folder, or "
+                         "pass --overwrite to replace the results of an earlier run in it.")
+    return out
+
+
+_RESULTS = ("scores.csv", "overlays", "masks")
+
+
+def _publish(staging, out, overwrite):
+    """Move a finished run from ``staging`` into ``out``: whole, or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    clashes = [name for name in _RESULTS if (out / name).exists()]
+    others = [p.name for p in out.iterdir() if p.name not in _RESULTS]
+    if clashes and not overwrite or others and not overwrite:
+        raise ValueError(f"--out {out} was filled by something else during this run; the "
+                         f"results are in {str(staging)!r}.")
+    for name in clashes:  # only our own earlier results are replaced
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for name in _RESULTS:
+        if (staging / name).exists():
+            (staging / name).replace(out / name)
+    staging.rmdir()
 
 
 def _cmd_predict(args):
@@ -71,6 +178,7 @@ def _cmd_predict(args):
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
 
+    out = _check_out_folder(args.out, args.overwrite)
     model = load_model(args.model)
     if not isinstance(model, PatchCorePipeline):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a pipeline made by "
@@ -79,8 +187,24 @@ def _cmd_predict(args):
         if hasattr(step, "verbose"):
             step.verbose = not args.quiet
     paths = _collect_images(args.inputs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the run is written into a fresh folder beside --out and moved in when complete
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final, staging = out, Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        n_bad = _predict_into(model, paths, staging, args, save_overlays)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, final, args.overwrite)
+    _say(args, f"scored {len(paths)} images: {n_bad} flagged defective (label -1). "
+               f"Wrote {final / 'scores.csv'}" + ("" if args.no_images else
+                                                  f", {final / 'overlays'}, {final / 'masks'}"))
+    return 0
+
+
+def _predict_into(model, paths, out, args, save_overlays):
+    """Score ``paths`` and write scores.csv, overlays and masks into ``out``; returns the
+    number of images labelled -1."""
     detector = model[-1]
     scores, maps = model.score_and_map(paths, sigma=4.0)
     decision = scores - detector.offset_
@@ -100,11 +224,7 @@ def _cmd_predict(args):
         for i, (p, amap) in enumerate(zip(paths, maps, strict=True)):
             Image.fromarray(((amap > threshold) * 255).astype(np.uint8)).save(
                 mask_dir / f"{i:04d}_{p.stem}_mask.png")
-    n_bad = int((labels == -1).sum())
-    _say(args, f"scored {len(paths)} images: {n_bad} flagged defective (label -1). "
-               f"Wrote {out / 'scores.csv'}" + ("" if args.no_images else
-                                                f", {out / 'overlays'}, {out / 'masks'}"))
-    return 0
+    return int((labels == -1).sum())
 
 
 def _cmd_evaluate(args):
@@ -138,7 +258,8 @@ def _parser():
     from ._options import add_model_arguments
 
     add_model_arguments(fit)
-    fit.add_argument("--contamination", default="auto")
+    fit.add_argument("--contamination", type=_contamination, default="auto",
+                     help="'auto' or the fraction of good training images to flag, in (0, 0.5]")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",
                      help="held-out good images: set the threshold for --fpr")
     fit.add_argument("--fpr", type=float, default=0.01,
@@ -150,9 +271,11 @@ def _parser():
     pred.add_argument("model", help="model file written by 'skpatchcore fit'")
     pred.add_argument("inputs", nargs="+", help="image files or folders")
     pred.add_argument("--out", required=True, help="output folder")
-    pred.add_argument("--threshold", type=float,
+    pred.add_argument("--threshold", type=_finite,
                       help="pixel threshold for masks (default: the model's image threshold)")
     pred.add_argument("--no-images", action="store_true", help="write scores.csv only")
+    pred.add_argument("--overwrite", action="store_true",
+                      help="replace the results of an earlier run in --out")
     pred.add_argument("--quiet", action="store_true")
     pred.set_defaults(func=_cmd_predict)
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _peak_rss_mb():
 
 
 def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_maps=None,
-             sigma=4.0, return_model=False, **params):
+             sigma=4.0, skip_missing_masks=False, return_model=False, **params):
     """Fit on ROOT/train/good, score ROOT/test, and compute the field's metrics.
 
     Parameters
@@ -52,6 +53,11 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         Standard deviation of the Gaussian that smooths the maps, in network-input pixels
         (0 turns smoothing off). On MTD, 8 and 16 raised pixel AUROC (0.864 to 0.875 and
         0.888) and 16 lowered AUPRO by 0.01 (docs/benchmarks.md).
+    skip_missing_masks : bool, default=False
+        A defective test image without a ground-truth mask raises FileNotFoundError before
+        anything is fitted (it would otherwise count as "no defect" in the pixel metrics).
+        True keeps such images in the image metrics and leaves them out of the pixel
+        metrics; their count is reported as ``n_missing_masks``.
     return_model : bool, default=False
         Also return the fitted pipeline.
     **params
@@ -66,9 +72,26 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     pipeline : PatchCorePipeline
         Only with ``return_model=True``.
     """
-    check_sigma(sigma)  # before the fit, not after it
-    data = load_mvtec(root, category, allow_missing_masks=True)
+    check_sigma(sigma)  # everything is checked before the fit, not after it
+    try:
+        data = load_mvtec(root, category, allow_missing_masks=skip_missing_masks)
+    except FileNotFoundError as exc:
+        if "No ground-truth mask" not in str(exc):
+            raise
+        raise FileNotFoundError(f"{str(exc).split(' Pass ')[0]} Add the mask, or pass "
+                                "--skip-missing-masks (skip_missing_masks=True) to leave "
+                                "such images out of the pixel metrics.") from None
+    has_mask = np.array([m is not None or t == "good"
+                         for m, t in zip(data.mask_paths, data.defect_type, strict=True)])
+    types = np.asarray(data.defect_type)
+    for t in sorted(set(types) - {"good"}):
+        if not has_mask[types == t].any():
+            raise FileNotFoundError(
+                f"Defect type {str(t)!r} has no ground-truth mask in "
+                f"{str(data.root / 'ground_truth' / t)!r}; pixel metrics need them. Add the "
+                "masks (<image stem>_mask.png) or remove the type from test/.")
     pipe = make_anomaly_pipeline(method, **params)
+    pipe[0].fit()  # checks the feature options before any image is read
     start = time.perf_counter()
     pipe.fit(data.train)
     fit_seconds = time.perf_counter() - start
@@ -78,6 +101,8 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     score_seconds = time.perf_counter() - start
     maps = list(maps)
     masks = load_masks(data.mask_paths, [m.shape for m in maps])
+    pixel_maps = [m for m, keep in zip(maps, has_mask, strict=True) if keep]
+    pixel_masks = [m for m, keep in zip(masks, has_mask, strict=True) if keep]
     is_anomalous = np.asarray(data.y_test) == -1
     results = {
         "root": str(root),
@@ -86,8 +111,9 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "n_test": len(data.test),
         "n_anomalous": int(is_anomalous.sum()),
         "image_auroc": image_auroc(is_anomalous, -scores),
-        "pixel_auroc": pixel_auroc(masks, maps),
-        f"aupro@{fpr_limit:g}": aupro(masks, maps, fpr_limit=fpr_limit),
+        "pixel_auroc": pixel_auroc(pixel_masks, pixel_maps),
+        f"aupro@{fpr_limit:g}": aupro(pixel_masks, pixel_maps, fpr_limit=fpr_limit),
+        "n_missing_masks": int((~has_mask).sum()),
         "fit_seconds": fit_seconds,
         # decoding, features, search, image scores and maps at each image's pixels
         "ms_per_image": 1000.0 * score_seconds / len(data.test),
@@ -96,7 +122,6 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "params": {k: v for k, v in pipe.get_params().items() if "__" in k},
     }
     # each defect type against the good test images: that type's images and the good ones
-    types = np.asarray(data.defect_type)
     good = types == "good"
     defect_types = sorted(set(types) - {"good"})
     results["image_auroc_by_type"] = {
@@ -106,7 +131,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     }
     results["pixel_auroc_by_type"] = {}
     for t in defect_types:
-        pick = np.flatnonzero(good | (types == t))
+        pick = np.flatnonzero((good | (types == t)) & has_mask)
         results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
                                                         [maps[i] for i in pick])
     if save_maps is not None:
@@ -115,6 +140,17 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         save_overlays(data.test, maps, Path(save_maps), masks=masks, scores=-scores,
                       threshold=-pipe[-1].offset_)
     return (results, pipe) if return_model else results
+
+
+def _check_writable(option, folder):
+    """ValueError before any work when ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option}: cannot write in {str(folder)!r} ({exc.strerror or exc}); "
+                         "choose a writable folder.") from None
 
 
 def _parse(argv):
@@ -128,6 +164,9 @@ def _parse(argv):
     parser.add_argument("--sigma", type=float, default=4.0,
                         help="map smoothing: Gaussian standard deviation in network-input "
                              "pixels, 0 for none (default 4)")
+    parser.add_argument("--skip-missing-masks", action="store_true",
+                        help="leave defective images without a mask out of the pixel metrics "
+                             "(default: refuse them before fitting)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--save-maps", help="write heat-map overlays to this folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -137,11 +176,16 @@ def _parse(argv):
 def main(argv=None):
     args = _parse(argv)
     try:
+        for option, where in (("--json", args.json), ("--save-maps", args.save_maps)):
+            if where is not None:
+                _check_writable(option, Path(where).parent if option == "--json"
+                                else Path(where))
         results = evaluate(
             args.root, method=args.method, category=args.category, save_maps=args.save_maps,
-            sigma=args.sigma, **model_params(args), verbose=not args.quiet,
+            sigma=args.sigma, skip_missing_masks=args.skip_missing_masks,
+            **model_params(args), verbose=not args.quiet,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     keys = ["image_auroc", "pixel_auroc", "aupro@0.3", "fit_seconds", "ms_per_image",

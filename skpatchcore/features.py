@@ -246,6 +246,18 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             self.border_ = min(max(1, reach), min(self.grid_shape_) // 16)
         else:
             self.border_ = int(self.border)
+        cells = min(self.grid_shape_)
+        if self.patch_size >= cells:
+            raise ValueError(
+                f"patch_size={self.patch_size} averages over the whole {self.grid_shape_[0]} x "
+                f"{self.grid_shape_[1]} feature grid (image_size={self.image_size!r}, stride "
+                f"{self.stride_}), so every cell would be the same and maps would be flat; use "
+                f"a patch_size below {cells} (3 is the paper's).")
+        if 2 * self.border_ + 1 >= cells:
+            raise ValueError(
+                f"border={self.border!r} replaces every cell of the {self.grid_shape_[0]} x "
+                f"{self.grid_shape_[1]} feature grid with its centre, so maps would be flat; "
+                f"use a border below {(cells - 1) // 2} ('auto' chooses one).")
         return self
 
     def _set_network(self, network, spec):

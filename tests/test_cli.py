@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,114 @@ def test_fit_and_evaluate_accept_both_spellings_of_the_coreset_ratio():
         args = _parser().parse_args(["fit", "good", "-o", "m.npz", flag, "0.05"])
         assert args.sampling_ratio == 0.05
         assert _parse(["root", flag, "0.05"]).sampling_ratio == 0.05
+
+
+@pytest.fixture
+def no_feature_work(monkeypatch):
+    """Fails the test if any image is embedded: bad options must be refused before that."""
+    from skpatchcore.features import FeatureExtractor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("features were extracted before the options were checked")
+
+    monkeypatch.setattr(FeatureExtractor, "_iter_batches", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--calibrate", "/no/such/held-out"], "/no/such/held-out"),
+        (["--calibrate", "{good}", "--fpr", "0"], "--fpr 0.0"),
+        (["--calibrate", "{good}", "--fpr", "1"], "--fpr 1.0"),
+        (["-o", ""], "-o/--output is empty"),
+        (["-o", "{file}/model.npz"], "cannot write in"),
+        (["-o", "{dir}"], "is a folder"),
+        (["--patch-size", "99"], "patch_size=99 averages over the whole"),
+        (["--border", "40"], "border=40 replaces every cell"),
+    ],
+)
+def test_fit_refuses_bad_options_before_any_work(folders, tmp_path, capsys, no_feature_work,
+                                                 extra, fragment):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    fill = {"good": str(folders / "good"), "file": str(tmp_path / "a_file"),
+            "dir": str(tmp_path / "a_dir")}
+    extra = [e.format(**fill) for e in extra]
+    argv = ["fit", str(folders / "good"), "-o", str(tmp_path / "m.npz"), "--image-size", "64",
+            "--quiet"] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["fit", "good", "-o", "m.npz", "--contamination", "0.9"], "--contamination must be"),
+    (["fit", "good", "-o", "m.npz", "--contamination", "high"], "--contamination must be"),
+    (["predict", "m.npz", "x", "--out", "o", "--threshold", "nan"], "finite number"),
+    (["predict", "m.npz", "x", "--out", "o", "--threshold=-inf"], "finite number"),
+])
+def test_bad_option_values_are_usage_errors(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_a_failed_save_keeps_the_fit(folders, tmp_path, monkeypatch, capsys):
+    import skpatchcore.persistence as persistence
+
+    real = persistence.save_model
+    target = tmp_path / "m.npz"
+
+    def full_disk(model, path):
+        if str(path) == str(target):
+            raise OSError(28, "No space left on device")
+        return real(model, path)
+
+    monkeypatch.setattr(persistence, "save_model", full_disk)
+    assert main(["fit", str(folders / "good"), "-o", str(target), "--image-size", "64",
+                 "--coreset-ratio", "0.1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    fallback = err.split("saved to '")[1].split("'")[0]
+    assert str(target) in err and load_model(fallback)[-1].offset_ < 0
+    Path(fallback).unlink()
+
+
+def test_predict_never_mixes_runs(folders, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["predict", str(model), str(folders / "new"), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    (out / "notes.txt").write_text("mine")
+    first = sorted(p.name for p in (out / "overlays").iterdir())
+    # a second run into the same folder is refused before any work...
+    assert main(args[:2] + [str(folders / "good")] + args[3:]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == first
+    # ...and with --overwrite it replaces the earlier results whole, keeping the user's file
+    assert main(args[:2] + [str(folders / "good")] + args[3:] + ["--overwrite"]) == 0
+    overlays = list((out / "overlays").iterdir())
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(overlays) == len(rows) == 16 and all("/good/" in r["path"] for r in rows)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no staging
+    (tmp_path / "afile").write_text("x")
+    assert main(args[:3] + ["--out", str(tmp_path / "afile")]) == 2
+    assert "a file of that name exists" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_missing_masks_before_fitting(tmp_path, capsys, no_feature_work):
+    from skpatchcore._demo import write_demo_dataset
+
+    root = write_demo_dataset(tmp_path / "data")
+    masks = sorted((root / "ground_truth" / "defect").iterdir())
+    masks[0].unlink()
+    assert main(["evaluate", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "No ground-truth mask" in err and "--skip-missing-masks" in err
+    for m in masks[1:]:
+        m.unlink()
+    assert main(["evaluate", str(root), "--quiet", "--skip-missing-masks"]) == 2
+    err = capsys.readouterr().err
+    assert "Defect type 'defect' has no ground-truth mask" in err
