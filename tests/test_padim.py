@@ -20,6 +20,10 @@ from skpatchcore import (
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.padim import PaDiMDetector
 
+# scikit-learn's checks pass class labels to fit; the detectors keep every sample and
+# warn (see skpatchcore._validation.normal_mask)
+pytestmark = pytest.mark.filterwarnings("ignore:y holds labels:UserWarning")
+
 
 def _scipy_distances(train, test, reg):
     """Mahalanobis distance of every test patch to its position's Gaussian, with scipy."""

@@ -22,6 +22,10 @@ from skpatchcore import (
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.spade import SPADEDetector
 
+# scikit-learn's checks pass class labels to fit; the detectors keep every sample and
+# warn (see skpatchcore._validation.normal_mask)
+pytestmark = pytest.mark.filterwarnings("ignore:y holds labels:UserWarning")
+
 
 def _dists(A, B):
     A, B = A.astype(np.float64), B.astype(np.float64)
