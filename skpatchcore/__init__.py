@@ -1,6 +1,7 @@
 """PatchCore industrial image anomaly detection as scikit-learn estimators."""
 
 from ._containers import MemoryBank, PatchFeatures
+from ._images import set_max_image_pixels
 from ._version import __version__
 from .coreset import CoresetSampler
 from .detector import PatchCoreDetector
@@ -24,4 +25,5 @@ __all__ = [
     "make_anomaly_pipeline",
     "make_patchcore",
     "save_model",
+    "set_max_image_pixels",
 ]

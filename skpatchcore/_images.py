@@ -2,20 +2,56 @@
 
 Accepted collections (every form gives identical pixels for identical images):
 
-* a list/tuple of file paths (``str`` or ``pathlib.Path``), or one directory path;
+* a list/tuple of file paths (``str`` or ``pathlib.Path``), or one path: a file, or a
+  directory whose images are listed by :func:`list_images`;
 * a list of ``PIL.Image.Image``;
-* a numpy array ``(n, H, W)`` (grayscale) or ``(n, H, W, C)`` with C in {1, 3, 4};
-* a list of numpy arrays ``(H, W)`` or ``(H, W, C)``, sizes may differ;
-* a torch tensor ``(n, C, H, W)`` with C in {1, 3, 4} (or a list of ``(C, H, W)`` tensors).
+* a numpy array ``(n, H, W, C)`` with C in {1, 3, 4} (channels last);
+* a torch tensor ``(n, C, H, W)`` with C in {1, 3, 4} (channels first);
+* a list (or a 1-D object or string array) whose items are each **one** image, in any form:
+  a path, a PIL image, a numpy array ``(H, W)`` or ``(H, W, C)``, a torch tensor ``(H, W)``
+  or ``(C, H, W)``; sizes may differ and forms may be mixed.
 
-Pixel types: ``uint8`` (0..255), ``uint16`` (0..65535) or float in [0, 1]. Grayscale is
-repeated to three channels; a fourth (alpha) channel is dropped. Images are read lazily, one
-at a time, so a list of paths never sits in memory all at once.
+One image or a batch: a numpy array or torch tensor passed as ``X`` itself must have a batch
+axis, so it is 4-D. **A 3-D array or tensor is always refused**, because it is ambiguous: numpy
+``(H, W, C)`` or ``(C, H, W)`` and torch ``(C, H, W)`` are one image, while ``(n, H, W)`` would
+be a batch of grayscale images, and no shape test tells them apart reliably (a batch of 3 or 4
+grayscale images looks like one image). Pass one image as ``[X]`` (or ``X[None]``), and a
+batch of grayscale images with an explicit channel axis: numpy ``X[..., None]``, shape
+``(n, H, W, 1)``, or torch ``X[:, None]``, shape ``(n, 1, H, W)``. A 2-D array is refused as
+well (pass one grayscale image as ``[X]``).
+
+Pixel types: ``uint8`` (0..255), ``uint16`` (0..65535) or float in [0, 1] (any byte order).
+Grayscale is repeated to three channels; a fourth (alpha) channel is dropped. Images are read
+lazily, one at a time, so a list of paths never sits in memory all at once.
+
+Files and PIL images: files are decoded with Pillow (the first frame of a multi-frame file).
+Palette, CMYK, YCbCr, 1-bit and other 8-bit modes become RGB; 16-bit grayscale (``I;16``) is
+scaled by 65535; Pillow's float mode ``F`` follows the rules of float arrays; 32-bit integer
+mode ``I`` is refused (its scale is unknown). Both files and PIL images are turned upright by
+their EXIF Orientation tag (values 2 to 8, or an XMP ``tiff:Orientation``), as image viewers
+show them, and :meth:`ImageList.sizes` reports the upright ``(H, W)`` (tags 5 to 8 swap height
+and width). The tag is read from the metadata that precedes the pixel data, so sizes need no
+decoding: for PNG that is an ``eXIf`` chunk before ``IDAT``, where Pillow and libpng write it
+(a file's later ``eXIf`` chunk is not looked for); TIFF files are turned upright by Pillow itself.
+Truncated or corrupt files raise a ValueError that names the file (unless
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set).
+
+Size limit: a file whose image has more pixels (H * W) than a limit is refused before it is
+decoded, a guard against decompression bombs. The limit is, in order of precedence, the value
+given to :func:`set_max_image_pixels`, the environment variable
+``SKPATCHCORE_MAX_IMAGE_PIXELS`` (read each time a file is read; an integer, ``0`` or ``none``
+for no limit), or Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (about 89 million pixels). Pillow's
+own global setting is not changed for other code. PIL images and arrays are already in memory
+and have no limit.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
+import struct
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +59,22 @@ import torch
 
 ACCEPTED_FORMS = (
     "a list of image file paths (str or Path) or a directory path, a list of PIL images, "
-    "a numpy array (n, H, W) or (n, H, W, 3|4) of uint8 or floats in [0, 1], a list of such "
-    "arrays with different sizes, or a torch tensor (n, 3, H, W)"
+    "a numpy array (n, H, W, C) with C in {1, 3, 4} of uint8, uint16 or floats in [0, 1], "
+    "a torch tensor (n, C, H, W), or a list whose items are each one image (a path, a PIL "
+    "image, a numpy array (H, W) or (H, W, C), a torch tensor (H, W) or (C, H, W))"
 )
 #: File extensions (lower case) recognised as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: Environment variable holding the largest number of pixels decoded from one file.
+MAX_PIXELS_ENV = "SKPATCHCORE_MAX_IMAGE_PIXELS"
+
+# What Pillow raises for a file it cannot parse or decode (truncated, corrupt, unsupported).
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+# Serialises our short switch-off of Pillow's global size check (see _open_file).
+_PIL_LIMIT_LOCK = threading.Lock()
+_ORIENTATION_TAG = 0x0112
+_DEFAULT = "default"
+_max_pixels_setting: int | None | str = _DEFAULT
 
 
 def _bad(message):
@@ -40,68 +87,282 @@ def _pil():
     return Image
 
 
-def _pil_to_array(img, where):
-    """PIL image -> uint8/uint16 array (H, W) or (H, W, 3)."""
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img, dtype=np.uint16)
-    if mode in ("I", "F"):
-        arr = np.asarray(img)
-        raise _bad(
-            f"{where}: PIL mode {mode!r} ({arr.dtype}) is not supported; convert it to 8-bit "
-            "('L' or 'RGB') or 16-bit ('I;16') first."
+# ------------------------------------------------------------------------------ size limit
+def set_max_image_pixels(n):
+    """Set the largest image, in pixels (H * W), that is decoded from a file.
+
+    Larger files are refused with a ValueError before they are decoded, a guard against
+    decompression bombs. This setting takes precedence over the environment variable
+    ``SKPATCHCORE_MAX_IMAGE_PIXELS``, which takes precedence over Pillow's
+    ``PIL.Image.MAX_IMAGE_PIXELS``. Pillow's own setting is never changed.
+
+    Parameters
+    ----------
+    n : int, None or "default"
+        A positive int: the limit. None: no limit. ``"default"``: drop this setting, so that
+        the environment variable (or, without it, Pillow's limit) applies again.
+
+    Returns
+    -------
+    previous : int, None or "default"
+        The setting before this call; pass it back to restore it.
+
+    Examples
+    --------
+    >>> from skpatchcore._images import set_max_image_pixels
+    >>> previous = set_max_image_pixels(200_000_000)
+    >>> set_max_image_pixels(previous)
+    200000000
+    """
+    global _max_pixels_setting
+    valid = (
+        n is None
+        or (isinstance(n, str) and n == _DEFAULT)
+        or (isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1)
+    )
+    if not valid:
+        raise ValueError(
+            f"set_max_image_pixels(n): n must be a positive int, None (no limit) or "
+            f"'default' (use {MAX_PIXELS_ENV} or Pillow's limit), got {n!r}."
         )
-    if mode == "L":
-        return np.asarray(img)
-    if mode == "LA":
-        return np.asarray(img.convert("L"))
-    if mode == "RGBA":
-        return np.asarray(img)[..., :3]
-    return np.asarray(img.convert("RGB"))
+    previous = _max_pixels_setting
+    _max_pixels_setting = n if n is None or isinstance(n, str) else int(n)
+    return previous
 
 
-def _read_file(path, where):
+def _max_image_pixels():
+    """The pixel limit in force now and where it comes from: (int or None, str)."""
+    if _max_pixels_setting != _DEFAULT:
+        return _max_pixels_setting, "set_max_image_pixels"
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if raw:
+        if raw.lower() in ("0", "none"):
+            return None, MAX_PIXELS_ENV
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 1:
+            raise ValueError(
+                f"Environment variable {MAX_PIXELS_ENV}={raw!r} is not a pixel limit: set it "
+                "to a positive integer, or to 0 or 'none' for no limit."
+            )
+        return value, MAX_PIXELS_ENV
+    return _pil().MAX_IMAGE_PIXELS, "Pillow's PIL.Image.MAX_IMAGE_PIXELS"
+
+
+def _check_pixel_limit(path, where, height, width):
+    limit, source = _max_image_pixels()
+    pixels = height * width
+    if limit is not None and pixels > limit:
+        raise ValueError(
+            f"{where}: {str(path)!r} has {width} x {height} = {pixels} pixels, more than the "
+            f"limit of {limit} pixels (from {source}) that guards against decompression bombs. "
+            "If you trust the file, raise the limit with "
+            "skpatchcore._images.set_max_image_pixels(n) (None for no limit) or the "
+            f"environment variable {MAX_PIXELS_ENV}=n (0 or 'none' for no limit)."
+        )
+
+
+# --------------------------------------------------------------------- files and PIL images
+def _transposes():
+    Image = _pil()
+    T = getattr(Image, "Transpose", Image)  # Pillow < 9.1 has the constants on Image
+    # The table of PIL.ImageOps.exif_transpose: orientation -> operation that makes it upright.
+    return {
+        2: T.FLIP_LEFT_RIGHT,
+        3: T.ROTATE_180,
+        4: T.FLIP_TOP_BOTTOM,
+        5: T.TRANSPOSE,
+        6: T.ROTATE_270,
+        7: T.TRANSVERSE,
+        8: T.ROTATE_90,
+    }
+
+
+def _orientation(img):
+    """EXIF Orientation (1..8) of a PIL image; 1 when absent, invalid or unreadable.
+
+    This is the one place the tag is read, for decoding and for :meth:`ImageList.sizes`. It
+    uses only the metadata Pillow has already parsed (the header of a lazily opened file), so
+    it decodes no pixels: ``Image.Image.getexif`` is called on purpose rather than the
+    image's own method, because ``PngImageFile.getexif`` decodes the whole image to look for
+    an eXIf chunk after the pixel data. TIFF images give 1: Pillow's TIFF reader applies their
+    Orientation tag itself when loading (and already reports the upright size when opening).
+    """
+    if getattr(img, "format", None) == "TIFF":
+        return 1
+    try:
+        value = _pil().Image.getexif(img).get(_ORIENTATION_TAG, 1)
+        return int(value) if int(value) in _transposes() else 1
+    except Exception:  # corrupt EXIF: ignored, as image viewers ignore it
+        return 1
+
+
+def _upright_size(img, orientation):
+    """(H, W) of a PIL image once turned upright (orientations 5..8 swap the axes)."""
+    return (img.width, img.height) if orientation >= 5 else (img.height, img.width)
+
+
+def _unreadable(where, path, exc):
+    what = f"{str(path)!r} is not a readable image" if path is not None else (
+        "the PIL image could not be decoded"
+    )
+    return ValueError(
+        f"{where}: {what} ({type(exc).__name__}: {exc}). "
+        + ("Remove or replace the file." if path is not None else "Check its source file.")
+    )
+
+
+def _open_file(path, where):
+    """Open an image file lazily (header only), without Pillow's global size check.
+
+    Pillow refuses or warns about large images by its module-global ``MAX_IMAGE_PIXELS``;
+    our own limit (:func:`_check_pixel_limit`) replaces it, so the global is switched off for
+    the duration of this header read only and restored at once, under a lock so that two of
+    our readers never restore each other's value.
+    """
     Image = _pil()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{where}: image file {str(path)!r} does not exist.")
     if path.is_dir():
         raise _bad(f"{where}: {str(path)!r} is a directory, not an image file.")
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        except _READ_ERRORS as exc:
+            raise _unreadable(where, path, exc) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _pil_pixels(img, where, orientation, path=None):
+    """Decode a PIL image, turn it upright and return its pixels (see _pil_to_array)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _pil_to_array(img, where)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(
-            f"{where}: {str(path)!r} is not a readable image ({type(exc).__name__}: {exc}). "
-            "Remove or replace the file."
+        img.load()
+    except _READ_ERRORS as exc:
+        raise _unreadable(where, path, exc) from None
+    method = _transposes().get(orientation)
+    if method is not None:
+        img = img.transpose(method)
+    return _pil_to_array(img, where)
+
+
+def _pil_to_array(img, where):
+    """Upright PIL image -> uint8 (H, W) or (H, W, 3), uint16 (H, W) or float32 (H, W)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img).astype(np.uint16)  # native byte order
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)  # checked like a float array
+    if mode == "I" or mode.startswith("I;"):
+        arr = np.asarray(img)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        raise _bad(
+            f"{where}: PIL mode {mode!r} (integer pixels, values {lo}..{hi}) is not supported: "
+            "its scale is unknown; convert it to 8-bit ('L' or 'RGB') or to 16-bit ('I;16') "
+            "first."
+        )
+    if mode == "L":
+        return np.asarray(img)
+    if mode == "LA":
+        return np.asarray(img)[..., 0]
+    if mode == "RGBA":
+        return np.asarray(img)[..., :3]
+    if mode in ("P", "PA"):  # via RGBA: palette transparency without Pillow's warning
+        return np.asarray(img.convert("RGBA"))[..., :3]
+    try:
+        return np.asarray(img.convert("RGB"))
+    except ValueError as exc:
+        raise _bad(
+            f"{where}: PIL mode {mode!r} cannot be converted to RGB ({exc}); convert the image "
+            "to 'RGB' or 'L' first."
         ) from None
 
 
-def _array_to_tensor(arr, where, channels_first=False):
-    """numpy/torch array of one image -> float32 tensor (3, H, W) in [0, 1]."""
-    if isinstance(arr, torch.Tensor):
-        arr = arr.detach().cpu().numpy()
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and channels_first:
-        arr = np.moveaxis(arr, 0, -1)
+def _read_file(path, where):
+    """Image file -> upright pixel array, refused above the pixel limit before decoding."""
+    with _open_file(path, where) as img:
+        orientation = _orientation(img)  # from the header, as in ImageList.sizes
+        _check_pixel_limit(path, where, img.height, img.width)
+        return _pil_pixels(img, where, orientation, path=path)
+
+
+# ------------------------------------------------------------------------- in-memory arrays
+def _check_image_shape(shape, is_torch, where):
+    """Check the shape of ONE in-memory image: numpy (H, W[, C]), torch ([C, ]H, W)."""
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    channels = (shape[0] if is_torch else shape[-1]) if ndim == 3 else None
+    if not (ndim == 2 or channels in (1, 3, 4)):
+        if is_torch:
+            layout = "(H, W) or (C, H, W)"
+            hint = (" torch images are channels first: pass x.permute(2, 0, 1) for an "
+                    "(H, W, C) tensor." if ndim == 3 and shape[-1] in (1, 3, 4) else "")
+        else:
+            layout = "(H, W) or (H, W, C)"
+            hint = (" numpy images are channels last: pass np.moveaxis(x, 0, -1) for a "
+                    "(C, H, W) array." if ndim == 3 and shape[0] in (1, 3, 4) else "")
+        if ndim == 4:
+            hint = " Each list item is one image: pass a batch as X itself, not in a list."
+        raise _bad(f"{where}: expected one image of shape {layout} with C in {{1, 3, 4}}, "
+                   f"got shape {shape}.{hint}")
+    height, width = shape[-2:] if is_torch else shape[:2]
+    if height < 1 or width < 1:
+        raise _bad(f"{where}: image of shape {shape} has no pixels.")
+
+
+def _check_dtype(x, where):
+    """Check the pixel dtype of a numpy array or torch tensor (before any conversion)."""
+    if isinstance(x, torch.Tensor):
+        ok = x.dtype == torch.uint8 or x.is_floating_point() or (
+            x.dtype == getattr(torch, "uint16", None)
+        )
+        name = str(x.dtype).removeprefix("torch.")
+    else:
+        ok = (x.dtype.kind == "u" and x.dtype.itemsize in (1, 2)) or x.dtype.kind == "f"
+        name = str(x.dtype)
+    if not ok:
+        raise _bad(f"{where}: pixel dtype {name} is not supported; use uint8, uint16 or floats "
+                   "in [0, 1].")
+
+
+def _as_pixels(item, where):
+    """One in-memory image (numpy channels last, torch channels first) -> numpy (H, W[, 3])."""
+    is_torch = isinstance(item, torch.Tensor)
+    _check_image_shape(item.shape, is_torch, where)
+    _check_dtype(item, where)
+    if is_torch:
+        if item.dtype == torch.bfloat16:  # numpy has no bfloat16
+            item = item.float()
+        arr = item.detach().cpu().numpy()
+        if arr.ndim == 3:
+            arr = np.moveaxis(arr, 0, -1)
+    else:
+        arr = np.asarray(item)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
-        layout = "(C, H, W)" if channels_first else "(H, W) or (H, W, C)"
-        raise _bad(f"{where}: expected an image of shape {layout} with C in {{1, 3, 4}}, "
-                   f"got shape {arr.shape}.")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise _bad(f"{where}: image of shape {arr.shape} has no pixels.")
+    return arr
+
+
+def _array_to_tensor(arr, where):
+    """numpy pixels (H, W) or (H, W, 3) -> float32 tensor (3, H, W) in [0, 1]."""
+    _check_image_shape(arr.shape, False, where)
+    _check_dtype(arr, where)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if not arr.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
         arr = arr.copy()
     if arr.dtype == np.uint8:
         out = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
     elif arr.dtype == np.uint16:
         out = torch.from_numpy(arr.astype(np.float32)).div_(65535.0)
-    elif arr.dtype.kind == "f":
+    else:
         if not np.isfinite(arr).all():
             raise _bad(f"{where}: image contains NaN or infinite values.")
         lo, hi = float(arr.min()), float(arr.max())
@@ -111,11 +372,6 @@ def _array_to_tensor(arr, where, channels_first=False):
                 "divide 8-bit data by 255 (or pass it as uint8)."
             )
         out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    else:
-        raise _bad(
-            f"{where}: pixel dtype {arr.dtype} is not supported; use uint8, uint16 or floats "
-            "in [0, 1]."
-        )
     if out.ndim == 2:
         out = out.unsqueeze(-1).expand(-1, -1, 3)
     return out.permute(2, 0, 1).contiguous()
@@ -126,6 +382,8 @@ class ImageList:
 
     ``images[i]`` returns a float32 tensor (3, H, W) in [0, 1]; ``len(images)`` the count;
     ``images.name(i)`` a human-readable description for messages (the path when there is one).
+    Every item is one image: a path, a PIL image, a numpy array (channels last) or a torch
+    tensor (channels first).
     """
 
     def __init__(self, items, kind):
@@ -148,31 +406,60 @@ class ImageList:
             return _array_to_tensor(_read_file(item, where), where)
         Image = _pil()
         if isinstance(item, Image.Image):
-            return _array_to_tensor(_pil_to_array(item, where), where)
-        if isinstance(item, torch.Tensor):
-            return _array_to_tensor(item, where, channels_first=item.ndim == 3)
-        if isinstance(item, np.ndarray):
-            return _array_to_tensor(item, where, channels_first=self._kind == "tensor")
+            return _array_to_tensor(_pil_pixels(item, where, _orientation(item)), where)
+        if isinstance(item, torch.Tensor | np.ndarray):
+            return _array_to_tensor(_as_pixels(item, where), where)
         raise _bad(f"{where}: unsupported item of type {type(item).__name__}.")
 
     def sizes(self):
-        """(H, W) of every image, read from file headers where possible (no decoding)."""
+        """(H, W) of every image, upright, read from file headers where possible (no decoding).
+
+        Returns
+        -------
+        sizes : list of tuple of (int, int)
+            The ``(H, W)`` that ``self[i].shape[1:]`` has, for every ``i``.
+        """
         Image = _pil()
         sizes = []
         for i, item in enumerate(self._items):
             if isinstance(item, str | os.PathLike):
-                try:
-                    with Image.open(item) as img:
-                        sizes.append((img.height, img.width))
-                except (OSError, SyntaxError):
-                    sizes.append(tuple(self[i].shape[1:]))
+                with _open_file(item, self.name(i)) as img:
+                    sizes.append(_upright_size(img, _orientation(img)))
             elif isinstance(item, Image.Image):
-                sizes.append((item.height, item.width))
-            elif isinstance(item, torch.Tensor) and item.ndim == 3:
-                sizes.append(tuple(item.shape[1:]))
+                sizes.append(_upright_size(item, _orientation(item)))
+            elif isinstance(item, torch.Tensor):
+                sizes.append(tuple(int(s) for s in item.shape[-2:]))
             else:
-                sizes.append(tuple(np.shape(item)[:2]))
+                sizes.append(tuple(int(s) for s in np.shape(item)[:2]))
         return sizes
+
+
+# ----------------------------------------------------------------------------------- folders
+def _is_image_file(path):
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _nested_image_folders(folder):
+    """Sub-folders (any depth, hidden ones skipped) that directly hold image files.
+
+    Returns a list of (path relative to ``folder`` in POSIX form, number of image files).
+    """
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(root) == folder:
+            continue
+        count = sum(1 for f in files if _is_image_file(Path(root) / f))
+        if count:
+            found.append((Path(root).relative_to(folder).as_posix(), count))
+    return found
+
+
+def _describe_folders(nested, limit=5):
+    parts = [f"{name!r} ({count} image{'s' * (count != 1)})" for name, count in nested[:limit]]
+    if len(nested) > limit:
+        parts.append(f"and {len(nested) - limit} more")
+    return ", ".join(parts)
 
 
 def list_images(folder):
@@ -181,20 +468,27 @@ def list_images(folder):
     Parameters
     ----------
     folder : str or path-like
-        The folder to list. Sub-folders are not searched.
+        The folder to list. Sub-folders are not searched: when the folder holds images and
+        sub-folders hold more, a :class:`UserWarning` says how many were skipped and where.
 
     Returns
     -------
     paths : list of pathlib.Path
-        Files whose extension is one of ``.png .jpg .jpeg .bmp .tif .tiff .webp`` (any case), sorted
-        by file name.
+        Files whose extension is one of ``.png .jpg .jpeg .bmp .tif .tiff .webp`` (any case),
+        sorted by file name.
 
     Raises
     ------
     FileNotFoundError
         If ``folder`` does not exist or is not a directory.
     ValueError
-        If ``folder`` holds no image file.
+        If ``folder`` holds no image file; the message names the sub-folders that hold
+        images, if any, so that they can be passed instead.
+
+    Warns
+    -----
+    UserWarning
+        If sub-folders (at any depth; hidden ones are ignored) hold images that were skipped.
 
     Examples
     --------
@@ -209,17 +503,85 @@ def list_images(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist.")
-    paths = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
+    paths = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+    nested = _nested_image_folders(folder)
     if not paths:
+        if nested:
+            example = str(folder / nested[0][0])
+            raise ValueError(
+                f"Image folder {str(folder)!r} contains no image file at its top level, and "
+                f"sub-folders are not searched; its sub-folders {_describe_folders(nested)} hold "
+                f"images. Pass such a sub-folder (e.g. {example!r}) or the list of image paths "
+                "explicitly."
+            )
         raise ValueError(
             f"Image folder {str(folder)!r} contains no image file (extensions "
             f"{', '.join(IMAGE_EXTENSIONS)}); check the path."
         )
+    if nested:
+        total = sum(count for _, count in nested)
+        warnings.warn(
+            f"Image folder {str(folder)!r}: read the {len(paths)} image file(s) at its top "
+            f"level and skipped {total} image file(s) in {len(nested)} sub-folder(s) "
+            f"({_describe_folders(nested)}), since sub-folders are not searched. "
+            "Pass those sub-folders or their image paths explicitly to include them.",
+            UserWarning,
+            stacklevel=2,
+        )
     return paths
 
+
+# ------------------------------------------------------------------------------ validation
+def _ambiguous_3d(X, is_torch):
+    shape = tuple(int(s) for s in X.shape)
+    if is_torch:
+        return _bad(
+            f"X is a 3-D torch tensor of shape {shape}, which is ambiguous: it could be one "
+            "image (C, H, W) or a batch of grayscale images (n, H, W), so 3-D tensors are "
+            "refused. For one image pass [X] or X[None]; for a batch of grayscale images pass "
+            "X[:, None], of shape (n, 1, H, W)."
+        )
+    return _bad(
+        f"X is a 3-D numpy array of shape {shape}, which is ambiguous: it could be one image "
+        "(H, W, C) or (C, H, W), or a batch of grayscale images (n, H, W), so 3-D arrays are "
+        "refused. For one image pass [X] (or X[None] for (H, W, C)); for a batch of grayscale "
+        "images pass X[..., None], of shape (n, H, W, 1)."
+    )
+
+
+def _check_batch(X):
+    """A numpy array (n, H, W, C) or torch tensor (n, C, H, W) -> ImageList of its images."""
+    is_torch = isinstance(X, torch.Tensor)
+    kind = "torch tensor" if is_torch else "numpy array"
+    shape = tuple(int(s) for s in X.shape)
+    if X.ndim == 3:
+        raise _ambiguous_3d(X, is_torch)
+    if X.ndim == 2:
+        raise _bad(f"X is a 2-D {kind} of shape {shape}; a batch of images is 4-D. For one "
+                   "grayscale image pass [X].")
+    layout = "(n, C, H, W)" if is_torch else "(n, H, W, C)"
+    channels = (shape[1] if is_torch else shape[-1]) if X.ndim == 4 else None
+    if channels not in (1, 3, 4):
+        hint = ""
+        if X.ndim == 4 and is_torch and shape[-1] in (1, 3, 4):
+            hint = " torch tensors are channels first: pass X.permute(0, 3, 1, 2)."
+        elif X.ndim == 4 and not is_torch and shape[1] in (1, 3, 4):
+            hint = " numpy arrays are channels last: pass X.transpose(0, 2, 3, 1)."
+        raise _bad(f"A {kind} X must have shape {layout} with C in {{1, 3, 4}}, got "
+                   f"{shape}.{hint}")
+    if shape[0] == 0:
+        raise _bad("X is empty: no images were given.")
+    _check_image_shape(shape[1:], is_torch, "X[0]")
+    _check_dtype(X, "X")
+    if is_torch:
+        if X.is_floating_point() and not torch.isfinite(X).all():
+            bad = int(torch.nonzero(~torch.isfinite(X).flatten(1).all(1))[0, 0])
+            raise _bad(f"X[{bad}]: image contains NaN or infinite values.")
+        return ImageList(list(X), "tensor")
+    if X.dtype.kind == "f" and not np.isfinite(X).all():
+        bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(1))[0])
+        raise _bad(f"X[{bad}]: image contains NaN or infinite values.")
+    return ImageList(list(X), "array")
 
 
 def check_images(X):
@@ -227,6 +589,28 @@ def check_images(X):
 
     Cheap checks (container type, shapes, dtypes of in-memory arrays, existence of files)
     happen here; decoding and per-image value checks happen when an image is accessed.
+
+    Parameters
+    ----------
+    X : images
+        Any form listed in the module docstring. A 3-D (or 2-D) numpy array or torch tensor
+        is refused as ambiguous: pass one image as ``[X]``, and a batch of grayscale images
+        as numpy ``(n, H, W, 1)`` or torch ``(n, 1, H, W)``.
+
+    Returns
+    -------
+    images : ImageList
+        ``images[i]`` is a float32 tensor (3, H, W) in [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore._images import check_images
+    >>> images = check_images(np.zeros((2, 4, 5, 3), np.uint8))
+    >>> len(images), tuple(images[0].shape), images.sizes()
+    (2, (3, 4, 5), [(4, 5), (4, 5)])
+    >>> check_images([np.zeros((4, 5), np.uint8)]).sizes()
+    [(4, 5)]
     """
     if isinstance(X, ImageList):
         return X
@@ -237,48 +621,34 @@ def check_images(X):
         if path.is_file():
             return ImageList([path], "paths")
         raise FileNotFoundError(f"X={os.fspath(X)!r}: no such file or directory.")
-    if isinstance(X, torch.Tensor):
-        if X.ndim == 3:
-            X = X.unsqueeze(1)
-        if X.ndim != 4 or X.shape[1] not in (1, 3, 4):
-            raise _bad(f"A torch tensor X must have shape (n, C, H, W) with C in {{1, 3, 4}}, "
-                       f"got {tuple(X.shape)}.")
-        if X.shape[0] == 0:
-            raise _bad("X is empty: no images were given.")
-        if X.is_floating_point() and not torch.isfinite(X).all():
-            bad = int(torch.nonzero(~torch.isfinite(X).flatten(1).all(1))[0, 0])
-            raise _bad(f"X[{bad}]: image contains NaN or infinite values.")
-        return ImageList(list(X), "tensor")
-    if isinstance(X, np.ndarray):
-        if X.dtype == object:
-            return check_images(list(X))
-        if X.ndim == 3 and X.shape[-1] in (3, 4) and min(X.shape[:2]) >= 16:
-            raise _bad(
-                f"X has shape {X.shape}, which looks like one RGB image (H, W, C); a 3-D array "
-                "is read as n grayscale images (n, H, W). Pass X[None] or [X] for one image."
-            )
-        if X.ndim == 3:
-            X = X[..., None]
-        if X.ndim != 4 or X.shape[-1] not in (1, 3, 4):
-            raise _bad(f"A numpy array X must have shape (n, H, W) or (n, H, W, C) with C in "
-                       f"{{1, 3, 4}}, got {X.shape}.")
-        if X.shape[0] == 0:
-            raise _bad("X is empty: no images were given.")
-        if X.dtype.kind == "f" and not np.isfinite(X).all():
-            bad = int(np.flatnonzero(~np.isfinite(X.reshape(len(X), -1)).all(1))[0])
-            raise _bad(f"X[{bad}]: image contains NaN or infinite values.")
-        return ImageList(list(X), "array")
+    if isinstance(X, np.ndarray) and X.dtype.kind in "OU":  # paths or images, one per entry
+        if X.ndim != 1:
+            raise _bad(f"A numpy array X of dtype {X.dtype} must be 1-D (one path or image "
+                       f"per entry), got shape {X.shape}.")
+        return check_images(X.tolist() if X.dtype.kind == "U" else list(X))
+    if isinstance(X, np.ndarray | torch.Tensor):
+        return _check_batch(X)
     if isinstance(X, list | tuple):
         if len(X) == 0:
             raise _bad("X is empty: no images were given.")
         Image = _pil()
         for i, item in enumerate(X):
+            where = f"X[{i}]"
             if isinstance(item, str | os.PathLike):
                 path = Path(item)
                 if not path.exists():
-                    raise FileNotFoundError(f"X[{i}]: image file {os.fspath(item)!r} does not "
+                    raise FileNotFoundError(f"{where}: image file {os.fspath(item)!r} does not "
                                             "exist.")
-            elif not isinstance(item, Image.Image | np.ndarray | torch.Tensor):
-                raise _bad(f"X[{i}] has unsupported type {type(item).__name__}.")
+                if path.is_dir():
+                    raise _bad(f"{where}: {os.fspath(item)!r} is a directory, not an image "
+                               "file; pass a directory as X itself, not inside a list.")
+            elif isinstance(item, Image.Image):
+                if item.width < 1 or item.height < 1:
+                    raise _bad(f"{where}: PIL image of size {item.size} has no pixels.")
+            elif isinstance(item, np.ndarray | torch.Tensor):
+                _check_image_shape(item.shape, isinstance(item, torch.Tensor), where)
+                _check_dtype(item, where)
+            else:
+                raise _bad(f"{where} has unsupported type {type(item).__name__}.")
         return ImageList(list(X), "list")
     raise _bad(f"X of type {type(X).__name__} is not a supported image collection.")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_model_arguments", "model_params"]
+__all__ = ["add_image_arguments", "add_model_arguments", "apply_image_arguments",
+           "model_params"]
 
 
 def _border(text):
@@ -51,3 +52,35 @@ def model_params(args):
     if args.method != "padim":  # PaDiM keeps every training grid: no coreset step
         params["sampling_ratio"] = args.sampling_ratio
     return params
+
+
+def _max_pixels(text):
+    if text == "default":
+        return text
+    if text.lower() in ("0", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"--max-image-pixels must be a positive number of pixels (H * W), or 'none' for no "
+            f"limit, got {text!r}")
+    return value
+
+
+def add_image_arguments(parser):
+    """Options about reading image files, shared by every command that reads them."""
+    parser.add_argument(
+        "--max-image-pixels", type=_max_pixels, default="default", metavar="N",
+        help="largest image file to decode, in pixels (H * W), or 'none'; default: "
+             "$SKPATCHCORE_MAX_IMAGE_PIXELS, else Pillow's limit (about 89 million)")
+
+
+def apply_image_arguments(args):
+    """Put the options of :func:`add_image_arguments` in force."""
+    from ._images import set_max_image_pixels
+
+    value = getattr(args, "max_image_pixels", "default")
+    set_max_image_pixels(value)

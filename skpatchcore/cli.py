@@ -153,7 +153,7 @@ def _check_out_folder(out, overwrite):
     return out
 
 
-_RESULTS = ("scores.csv", "overlays", "masks")
+_RESULTS = ("scores.csv", "overlays", "masks", "report.html")
 
 
 def _publish(staging, out, overwrite):
@@ -179,6 +179,9 @@ def _cmd_predict(args):
     from .pipeline import PatchCorePipeline
 
     out = _check_out_folder(args.out, args.overwrite)
+    if args.embed and args.no_report:
+        raise ValueError("--embed puts the overlays into report.html, which --no-report turns "
+                         "off; drop one of them.")
     model = load_model(args.model)
     if not isinstance(model, PatchCorePipeline):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a pipeline made by "
@@ -198,13 +201,15 @@ def _cmd_predict(args):
     _publish(staging, final, args.overwrite)
     _say(args, f"scored {len(paths)} images: {n_bad} flagged defective (label -1). "
                f"Wrote {final / 'scores.csv'}" + ("" if args.no_images else
-                                                  f", {final / 'overlays'}, {final / 'masks'}"))
+                                                  f", {final / 'overlays'}, {final / 'masks'}")
+         + ("" if args.no_report else f"; open {final / 'report.html'} in a browser"))
     return 0
 
 
 def _predict_into(model, paths, out, args, save_overlays):
-    """Score ``paths`` and write scores.csv, overlays and masks into ``out``; returns the
-    number of images labelled -1."""
+    """Score ``paths`` and write scores.csv, overlays, masks and report.html into ``out``;
+    returns the number of images labelled -1."""
+    start = time.perf_counter()
     detector = model[-1]
     scores, maps = model.score_and_map(paths, sigma=4.0)
     decision = scores - detector.offset_
@@ -215,8 +220,10 @@ def _predict_into(model, paths, out, args, save_overlays):
         for p, s, d, lab in zip(paths, scores, decision, labels, strict=True):
             writer.writerow([str(p), f"{s:.6f}", f"{d:.6f}", int(lab)])
     threshold = -detector.offset_ if args.threshold is None else args.threshold
+    overlays = None
     if not args.no_images:
-        save_overlays(paths, maps, out / "overlays", scores=-scores, threshold=threshold)
+        overlays = save_overlays(paths, maps, out / "overlays", scores=-scores,
+                                 threshold=threshold)
         mask_dir = out / "masks"
         mask_dir.mkdir(exist_ok=True)
         from PIL import Image
@@ -224,6 +231,15 @@ def _predict_into(model, paths, out, args, save_overlays):
         for i, (p, amap) in enumerate(zip(paths, maps, strict=True)):
             Image.fromarray(((amap > threshold) * 255).astype(np.uint8)).save(
                 mask_dir / f"{i:04d}_{p.stem}_mask.png")
+    if not args.no_report:
+        from ._report import predict_report
+        from ._visualize import colour_scale
+
+        predict_report(out, model_file=Path(args.model).resolve(), pipe=model, paths=paths,
+                       scores=scores, overlays=overlays, seconds=time.perf_counter() - start,
+                       pixel_threshold=None if args.threshold is None else threshold,
+                       colour_scale=None if overlays is None else colour_scale(maps, threshold),
+                       embed=args.embed)
     return int((labels == -1).sum())
 
 
@@ -255,9 +271,10 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a model on a folder of good images")
     fit.add_argument("train_dir", nargs="+", help="folders or files of good images")
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
-    from ._options import add_model_arguments
+    from ._options import add_image_arguments, add_model_arguments
 
     add_model_arguments(fit)
+    add_image_arguments(fit)
     fit.add_argument("--contamination", type=_contamination, default="auto",
                      help="'auto' or the fraction of good training images to flag, in (0, 0.5]")
     fit.add_argument("--calibrate", nargs="+", metavar="DIR",
@@ -273,9 +290,14 @@ def _parser():
     pred.add_argument("--out", required=True, help="output folder")
     pred.add_argument("--threshold", type=_finite,
                       help="pixel threshold for masks (default: the model's image threshold)")
-    pred.add_argument("--no-images", action="store_true", help="write scores.csv only")
+    pred.add_argument("--no-images", action="store_true",
+                      help="no overlays or masks: scores.csv (and report.html without pictures)")
+    pred.add_argument("--no-report", action="store_true", help="do not write report.html")
+    pred.add_argument("--embed", action="store_true",
+                      help="embed the overlays in report.html (one file to send; large)")
     pred.add_argument("--overwrite", action="store_true",
                       help="replace the results of an earlier run in --out")
+    add_image_arguments(pred)
     pred.add_argument("--quiet", action="store_true")
     pred.set_defaults(func=_cmd_predict)
 
@@ -292,8 +314,11 @@ def _parser():
 
 
 def main(argv=None):
+    from ._options import apply_image_arguments
+
     args = _parser().parse_args(argv)
     try:
+        apply_image_arguments(args)
         return args.func(args)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -230,7 +230,8 @@ def make_defect_images(
         Image height and width; an int gives a square image. At least 16 on each side.
     grayscale : bool, default=False
         If True, return single-channel images of shape ``(n, H, W)`` instead of RGB images of
-        shape ``(n, H, W, 3)``.
+        shape ``(n, H, W, 3)``. Estimators refuse 3-D arrays as ambiguous: pass them as
+        ``X[..., None]`` (``(n, H, W, 1)``).
     random_state : int, RandomState instance or None, default=None
         Controls the texture family, the jitter, the noise and the defects. Pass an int for
         reproducible output across calls.

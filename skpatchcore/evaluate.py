@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from ._geometry import check_sigma
-from ._options import add_model_arguments, model_params
+from ._options import (
+    add_image_arguments,
+    add_model_arguments,
+    apply_image_arguments,
+    model_params,
+)
 from .datasets import load_masks, load_mvtec
 from .metrics import aupro, image_auroc, pixel_auroc
 from .pipeline import make_anomaly_pipeline
@@ -161,6 +166,7 @@ def _parse(argv):
     parser.add_argument("root", help="MVTec-layout dataset folder")
     parser.add_argument("--category", help="sub-folder of ROOT holding train/ test/")
     add_model_arguments(parser)
+    add_image_arguments(parser)
     parser.add_argument("--sigma", type=float, default=4.0,
                         help="map smoothing: Gaussian standard deviation in network-input "
                              "pixels, 0 for none (default 4)")
@@ -176,6 +182,7 @@ def _parse(argv):
 def main(argv=None):
     args = _parse(argv)
     try:
+        apply_image_arguments(args)
         for option, where in (("--json", args.json), ("--save-maps", args.save_maps)):
             if where is not None:
                 _check_writable(option, Path(where).parent if option == "--json"

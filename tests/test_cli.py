@@ -224,3 +224,14 @@ def test_evaluate_refuses_missing_masks_before_fitting(tmp_path, capsys, no_feat
     assert main(["evaluate", str(root), "--quiet", "--skip-missing-masks"]) == 2
     err = capsys.readouterr().err
     assert "Defect type 'defect' has no ground-truth mask" in err
+
+
+def test_max_image_pixels_option(folders, model, tmp_path, capsys):
+    args = ["predict", str(model), str(folders / "new"), "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert main(args + ["--max-image-pixels", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "4096" in err and "--max-image-pixels" in err or "SKPATCHCORE_MAX_IMAGE_PIXELS" in err
+    assert main(args + ["--max-image-pixels", "none"]) == 0
+    with pytest.raises(SystemExit):
+        main(args + ["--max-image-pixels", "-5"])

@@ -113,7 +113,7 @@ def test_pickle_detects_changed_weights(fitted):
     clone_ = pickle.loads(pickle.dumps(fitted))
     clone_.weights_sha256_ = "0" * 64
     with pytest.raises(ValueError, match="SHA-256.*refit"):
-        clone_.transform(np.zeros((1, 16, 16), np.uint8))
+        clone_.transform(np.zeros((1, 16, 16, 1), np.uint8))
 
 
 def test_random_weights_survive_pickle(rng_images):
