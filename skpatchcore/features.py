@@ -35,7 +35,7 @@ def _inner_cells(n_cells, stride, lo, hi, border):
     return np.clip(np.arange(n_cells), first + b, last - b)
 
 
-def _check_scales(scales):
+def check_scales(scales):
     """``scales`` as a tuple of floats in (0, 1], the first 1.0; ValueError otherwise."""
     try:
         values = tuple(float(v) for v in scales)
@@ -237,7 +237,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.weights_sha256_ = None if weights_path is None else file_sha256(weights_path)
         self.stride_ = min(spec.layers[layer][0] for layer in layers)
         deepest = max(spec.layers[layer][0] for layer in layers)
-        self.scales_ = _check_scales(self.scales)
+        self.scales_ = check_scales(self.scales)
         self.feature_dim_ = sum(spec.layers[layer][1] for layer in layers) * len(self.scales_)
         in_h, in_w = geometry.input_size
         self.grid_shape_ = (math.ceil(in_h / self.stride_), math.ceil(in_w / self.stride_))
