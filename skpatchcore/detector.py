@@ -5,17 +5,23 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
+import torch
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import MemoryBankDetector, contamination_offset, mean_finite
 from ._validation import validate_features
+from .neighbors import ExactIndex
 
 __all__ = ["PatchCoreDetector"]
 
 # n_neighbors='auto' on tabular rows, as LocalOutlierFactor's default.
 _TABULAR_NEIGHBORS = 20
+# Image scores: dimension of the PCA projection that proposes each cell's neighbours, and
+# the cells of each image searched exactly first.
+_BOUND_DIM = 32
+_FIRST_CELLS = 8
 
 
 class PatchCoreDetector(MemoryBankDetector):
@@ -169,7 +175,7 @@ class PatchCoreDetector(MemoryBankDetector):
         # leave-one-out: each training sample against the bank without its own rows
         features = bank.training_features
         anomaly = self._map_chunks(
-            lambda chunk, groups: self._search(chunk, groups, bank.sample_index)[0],
+            lambda chunk, groups: self._scores(chunk, groups, bank.sample_index),
             features, np.arange(len(features)), desc="train scores")
         self.offset_ = contamination_offset(-anomaly, self.contamination, "PatchCoreDetector")
         return self
@@ -191,7 +197,7 @@ class PatchCoreDetector(MemoryBankDetector):
         check_is_fitted(self)
         X = validate_features(self, X, reset=False)
         return -self._map_chunks(
-            lambda chunk, groups: self._search(chunk, groups, self.bank_sample_index_)[0],
+            lambda chunk, groups: self._scores(chunk, groups, self.bank_sample_index_),
             X, self._training_samples_of(X))
 
     def score_and_map(self, X):
@@ -217,6 +223,92 @@ class PatchCoreDetector(MemoryBankDetector):
     def _patch_grids(self, X):
         return self._map_chunks(
             lambda chunk, _: self._search(chunk, reweight=False)[1], X).astype(np.float32)
+
+    def _scores(self, X, query_groups=None, bank_groups=None):
+        """Image anomaly scores (n,) of one chunk, equal to ``_search(X)[0]``.
+
+        For feature grids with exact search, only the cells that can hold an image's
+        largest patch distance are searched exactly. Every cell gets an upper bound on its
+        distance: the true distance to the nearest of a few bank rows proposed by a search
+        in a ``_BOUND_DIM``-dimensional PCA projection of the bank. Cells are then searched
+        exactly from the largest bound down, until the largest exact distance found exceeds
+        every remaining cell's bound. A remaining cell's distance is at most its bound, so
+        it can neither be the maximum nor tie with it: the maximum, the cell that holds it
+        (the first of equals) and its nearest bank row are those of the full search, and so
+        is the reweighted score.
+        """
+        index = self._index("bank", self.memory_bank_)
+        d = X.shape[-1]
+        if X.ndim != 4 or not isinstance(index, ExactIndex) or d <= _BOUND_DIM:
+            return self._search(X, query_groups, bank_groups)[0]
+        if query_groups is None:
+            bank_groups = None
+        n = X.shape[0]
+        patches = X.reshape(n, -1, d)
+        per_sample = patches.shape[1]
+        k = 1 if self.n_neighbors == "auto" else self.n_neighbors
+        source = _repeated_cells(X)
+        unique = (np.arange(n * per_sample) if source is None
+                  else np.flatnonzero(source == np.arange(len(source))))
+        rows = patches.reshape(-1, d)[unique]
+        image = unique // per_sample
+        q_groups = None if query_groups is None else np.asarray(query_groups)[image]
+        bound = self._upper_bounds(rows, k, q_groups, bank_groups)
+        exact = np.full(len(rows), -np.inf)
+        nn = np.full(len(rows), -1, dtype=np.int64)
+        done = np.zeros(len(rows), dtype=bool)
+        # first the few cells of each image with the largest bounds
+        order = np.lexsort((-bound, image))
+        rank = np.arange(len(rows)) - np.searchsorted(image[order], image[order])
+        pick = order[rank < _FIRST_CELLS]
+        while len(pick):
+            dist, idx = index.query(rows[pick], k=k, bank_groups=bank_groups,
+                                    query_groups=None if q_groups is None else q_groups[pick])
+            exact[pick], nn[pick], done[pick] = mean_finite(dist), idx[:, 0], True
+            best = np.full(n, -np.inf)
+            np.maximum.at(best, image, exact)
+            pick = np.flatnonzero(~done & (bound >= best[image]))
+        best = np.full(n, -np.inf)
+        np.maximum.at(best, image, exact)
+        # the first cell (in grid order) holding each image's maximum
+        at_max = np.flatnonzero(exact == best[image])
+        first = np.full(n, len(rows))
+        np.minimum.at(first, image[at_max], at_max)
+        s_star = best
+        worst_rows = rows[first]
+        return s_star * self._reweight(worst_rows, nn[first], s_star, index, query_groups,
+                                       bank_groups)
+
+    def _upper_bounds(self, rows, k, query_groups, bank_groups):
+        """For each row, a distance at least its true k-nearest-neighbour distance: the mean
+        true distance to the k rows nearest in the PCA projection, measured in float32 and
+        enlarged by a margin that covers its rounding (relative ``d * 2**-23`` on the squared
+        distance, far below the 1e-4 used); inf without k eligible rows."""
+        projection, projected = self._bound_projection()
+        proposer = self._index("projected", projected)
+        q = np.ascontiguousarray(rows, dtype=np.float32) @ projection
+        _, cand = proposer.query(q, k=min(k, len(proposer)), query_groups=query_groups,
+                                 bank_groups=bank_groups, remeasure=False)
+        valid = torch.from_numpy(cand >= 0)
+        bank = torch.from_numpy(self.memory_bank_)
+        picked = bank[torch.from_numpy(np.where(cand >= 0, cand, 0))]
+        diff = picked - torch.from_numpy(np.ascontiguousarray(rows))[:, None, :]
+        dist = torch.linalg.vector_norm(diff, dim=2).double()
+        dist = torch.where(valid, dist, torch.inf).mean(dim=1).numpy()
+        if len(proposer) < k:
+            dist[:] = np.inf
+        return dist * (1.0 + 1e-4) + 1e-12
+
+    def _bound_projection(self):
+        """The bank's top principal directions (d, _BOUND_DIM) and the projected bank,
+        computed once per fitted model (not pickled)."""
+        cache = self.__dict__.setdefault("_indexes", {})
+        if "projection" not in cache:
+            bank = self.memory_bank_.astype(np.float64)
+            _, _, vt = np.linalg.svd(bank - bank.mean(axis=0), full_matrices=False)
+            projection = np.ascontiguousarray(vt[:_BOUND_DIM].T, dtype=np.float32)
+            cache["projection"] = (projection, self.memory_bank_ @ projection)
+        return cache["projection"]
 
     def _search(self, X, query_groups=None, bank_groups=None, reweight=True):
         """Image anomaly scores s (n,) (None unless ``reweight``) and patch-distance grids

@@ -111,7 +111,8 @@ class ExactIndex:
             self.bank[cand[rows, cols]].double() - q[rows].double(), dim=1)
         return exact
 
-    def query(self, Q, k=1, *, query_groups=None, bank_groups=None, verbose=False):
+    def query(self, Q, k=1, *, query_groups=None, bank_groups=None, verbose=False,
+              remeasure=True):
         """k nearest bank rows of each query row.
 
         Parameters
@@ -124,6 +125,10 @@ class ExactIndex:
             (leave-one-out: an image's own patches are never its neighbours).
         verbose : bool, default=False
             Show a progress bar over the queries.
+        remeasure : bool, default=True
+            False skips the float64 re-measure: the k rows of smallest float32 rank are
+            returned as proposals (not certified nearest), with NaN distances; k == 1 then
+            takes a cheaper minimum instead of a top-k.
 
         Returns
         -------
@@ -157,6 +162,15 @@ class ExactIndex:
                     rank[lo - start : hi - start, own] = float("inf")
             elif masked:
                 rank.masked_fill_(qg[start:stop, None] == bg[None, :], float("inf"))
+            if not remeasure:
+                if k == 1:
+                    low, cand = rank.min(dim=1, keepdim=True)
+                else:
+                    low, cand = torch.topk(rank, k, dim=1, largest=False, sorted=True)
+                idx[start:stop] = torch.where(torch.isinf(low), -1, cand).cpu().numpy()
+                dist[start:stop] = np.nan
+                bar.update(stop - start)
+                continue
             cand_d2, cand = torch.topk(rank, kc, dim=1, largest=False, sorted=False)
             exact = self._remeasure(q, cand, cand_d2, k)
             order = torch.argsort(exact, dim=1, stable=True)[:, :k]
