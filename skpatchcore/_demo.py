@@ -38,12 +38,13 @@ def write_demo_dataset(root, random_state=0):
 
 
 def run_demo(out, verbose=True):
-    """Generate the example, fit on good parts, evaluate, save the model and the heat maps."""
+    """Generate the example, fit on good parts, evaluate, save the model, the heat maps and
+    the HTML report (``out/report.html``)."""
     out = Path(out)
     data = write_demo_dataset(out / "data")
     results, pipe = evaluate(
         data, image_size=256, sampling_ratio=0.1, random_state=0, verbose=verbose,
-        save_maps=out / "overlays", return_model=True,
+        report=out, return_model=True,
     )
     model_path = save_model(pipe, out / "model.npz")
     test = sorted((data / "test").glob("*/*.png"))
@@ -72,7 +73,10 @@ At the model's threshold: {caught} of {int(truth.sum())} defective parts flagged
   {model_path}   the fitted model (safe format; skpatchcore predict {model_path} IMAGES --out DIR)
   {out / 'scores.csv'}  per part: score (lower = more abnormal), decision, label
                           (+1 good, -1 defect)
-  {out / 'overlays'}    heat maps: image | anomaly colours, white = predicted region,
-                          green = true defect
+  {out / 'overlays'}    heat maps: image | anomaly colours ('turbo': blue = low, red =
+                          high), white = predicted region, green = true defect
+
+The report, with all of this on one page (open it in a browser):
+{(out / 'report.html').resolve()}
 """)
     return results

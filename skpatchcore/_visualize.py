@@ -1,7 +1,15 @@
-"""Heat-map overlays a person can open: image | colour map over the image, regions outlined."""
+"""Heat-map overlays a person can open: image | colour map over the image, regions outlined.
+
+The colours come from matplotlib's ``'turbo'`` colormap (:data:`COLORMAP`): dark blue for the
+lowest map values, through cyan, green and yellow, to dark red for the highest. Every overlay
+of one call shares one scale (:func:`colour_scale`), so colours compare across images; the
+HTML report (``skpatchcore._report``) draws that scale with its values.
+"""
 
 from __future__ import annotations
 
+import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +18,53 @@ from scipy.ndimage import binary_erosion
 
 from ._images import check_images
 
-__all__ = ["colorize", "overlay", "save_overlays"]
+__all__ = ["COLORMAP", "colorize", "colour_scale", "overlay", "save_overlays"]
 
-# A perceptually ordered dark-blue -> cyan -> yellow -> red ramp (anchor colours, RGB).
-_RAMP = np.array(
-    [[48, 18, 59], [70, 107, 227], [40, 187, 236], [50, 241, 152], [164, 252, 60],
-     [237, 208, 58], [251, 128, 34], [208, 47, 5], [122, 4, 3]], dtype=np.float64,
-)
+#: Name of the matplotlib colormap of the overlays (named in the docs and the report legend).
+COLORMAP = "turbo"
+
+
+@lru_cache(maxsize=4)
+def _lut(name=COLORMAP):
+    """The colormap as a read-only (256, 3) uint8 table."""
+    from matplotlib import colormaps
+
+    table = (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).round()
+    table = table.astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def _levels(values, vmin=0.0, vmax=1.0):
+    """Values -> uint8 indices 0..255 into the colormap table, in float32."""
+    values = np.asarray(values, dtype=np.float32)
+    scale = np.float32(255.0 / max(float(vmax) - float(vmin), 1e-12))
+    level = (values - np.float32(vmin)) * scale
+    np.nan_to_num(level, copy=False, nan=0.0)
+    np.clip(level, 0.0, 255.0, out=level)
+    level += np.float32(0.5)
+    return level.astype(np.uint8)
 
 
 def colorize(values):
-    """Map values in [0, 1] to RGB uint8 with the ramp above."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (len(_RAMP) - 1)
-    lo = np.floor(v).astype(int)
-    hi = np.minimum(lo + 1, len(_RAMP) - 1)
-    t = (v - lo)[..., None]
-    return ((1 - t) * _RAMP[lo] + t * _RAMP[hi]).astype(np.uint8)
+    """Map values in [0, 1] to RGB uint8 with the :data:`COLORMAP` colormap (clipped)."""
+    return _lut()[_levels(values)]
+
+
+def colour_scale(maps, threshold=None):
+    """The ``(vmin, vmax)`` shared by all overlays of ``maps``.
+
+    From the 1st percentile of all map values to ``max(2 * threshold - vmin, 99.9th
+    percentile)``, on a sample of at most ~4096 values per map (so the cost does not grow with
+    the image size). With the default, the threshold sits in the middle of the scale or lower.
+    """
+    sample = np.concatenate([np.ravel(m)[:: max(1, np.size(m) // 4096)].astype(np.float64)
+                             for m in maps])
+    vmin = float(np.percentile(sample, 1))
+    vmax = float(np.percentile(sample, 99.9))
+    if threshold is not None:
+        vmax = max(vmax, 2 * threshold - vmin)
+    return vmin, vmax
 
 
 def _outline(mask):
@@ -33,41 +72,47 @@ def _outline(mask):
 
 
 def overlay(image, amap, *, vmin, vmax, threshold=None, mask=None, alpha=0.5):
-    """One overlay panel: the map's colours blended over the image.
+    """One overlay panel: the map's colours blended over the image (uint8 RGB).
 
     The predicted region (``amap > threshold``) is outlined in white, the ground-truth mask,
-    when given, in green.
+    when given, in green. Works in uint8 and float32 on this one image.
     """
-    heat = colorize((amap - vmin) / max(vmax - vmin, 1e-12))
-    out = ((1 - alpha) * image + alpha * heat).astype(np.uint8)
+    heat = _lut()[_levels(amap, vmin, vmax)]
+    out = np.asarray(image, dtype=np.float32) * np.float32(1 - alpha)
+    out += heat * np.float32(alpha)
+    out = out.astype(np.uint8)
     if threshold is not None:
-        out[_outline(amap > threshold)] = (255, 255, 255)
+        out[_outline(np.asarray(amap) > threshold)] = (255, 255, 255)
     if mask is not None:
         out[_outline(np.asarray(mask, dtype=bool))] = (0, 255, 0)
     return out
 
 
-def save_overlays(images, maps, folder, *, masks=None, scores=None, threshold=None):
-    """Write ``<name>_overlay.png`` per image: original | overlay, side by side.
+def _stem(images, imgs, i):
+    items = images if isinstance(images, list | tuple) else None
+    if items is not None and isinstance(items[i], str | os.PathLike):
+        return Path(items[i]).stem
+    name = imgs.name(i)
+    return Path(name.split("'")[1]).stem if "'" in name else f"{i:05d}"
 
-    All maps share one colour scale, from the 1st percentile of all map values to
-    ``max(2 * threshold, 99.9th percentile)``, so colours compare across images. Returns the
-    list of written paths.
+
+def save_overlays(images, maps, folder, *, masks=None, scores=None, threshold=None):
+    """Write ``<index>_<name>[_score<s>]_overlay.png`` per image: original | overlay.
+
+    All maps share one colour scale (:func:`colour_scale`), so colours compare across images.
+    Each image is read, blended and written on its own (uint8 and float32), so memory does not
+    grow with the number of images. Returns the list of written paths, in input order.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     imgs = check_images(images)
-    sample = np.concatenate([np.ravel(m)[:: max(1, np.size(m) // 4096)] for m in maps])
-    vmin = float(np.percentile(sample, 1))
-    vmax = float(np.percentile(sample, 99.9))
-    if threshold is not None:
-        vmax = max(vmax, 2 * threshold - vmin)
+    vmin, vmax = colour_scale(maps, threshold)
     written = []
     for i in range(len(imgs)):
-        rgb = (imgs[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        rgb = (imgs[i].permute(1, 2, 0).numpy() * np.float32(255)).round().astype(np.uint8)
         panel = overlay(rgb, maps[i], vmin=vmin, vmax=vmax, threshold=threshold,
                         mask=None if masks is None else masks[i])
-        name = Path(imgs.name(i).split("'")[1]).stem if "'" in imgs.name(i) else f"{i:05d}"
+        name = _stem(images, imgs, i)
         if scores is not None:
             name = f"{name}_score{scores[i]:.3f}"
         path = folder / f"{i:04d}_{name}_overlay.png"

@@ -182,7 +182,7 @@ def _cmd_predict(args):
     if args.embed and args.no_report:
         raise ValueError("--embed puts the overlays into report.html, which --no-report turns "
                          "off; drop one of them.")
-    model = load_model(args.model)
+    model = load_model(args.model, require_detector=True)
     if not isinstance(model, PatchCorePipeline):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a pipeline made by "
                          "'skpatchcore fit'")

@@ -4,7 +4,9 @@
 
 Fits on ``ROOT/train/good``, scores every image under ``ROOT/test``, and prints image AUROC,
 pixel AUROC, AUPRO@0.3 (anomalous = positive), fit seconds, milliseconds per test image and
-peak memory. ``--json FILE`` writes the same numbers; ``--save-maps DIR`` writes overlays.
+peak memory. ``--json FILE`` writes the same numbers; ``--save-maps DIR`` writes overlays;
+``--report DIR`` writes ``DIR/report.html`` (curves, a table per defect type, confusion
+counts and every overlay, in ``DIR/overlays``) to open in a browser.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _peak_rss_mb():
 
 
 def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_maps=None,
-             sigma=4.0, skip_missing_masks=False, return_model=False, **params):
+             sigma=4.0, skip_missing_masks=False, return_model=False, report=None,
+             embed=False, **params):
     """Fit on ROOT/train/good, score ROOT/test, and compute the field's metrics.
 
     Parameters
@@ -65,6 +68,11 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         metrics; their count is reported as ``n_missing_masks``.
     return_model : bool, default=False
         Also return the fitted pipeline.
+    report : str or Path, optional
+        Folder for ``report.html``, an HTML page of the results (``skpatchcore._report``),
+        and the overlays it shows (``report/overlays``). Checked writable before the fit.
+    embed : bool, default=False
+        Embed the overlays in ``report.html`` as data URIs instead of linking them.
     **params
         Pipeline parameters for :func:`make_patchcore` (``image_size``, ``sampling_ratio``...).
 
@@ -78,6 +86,9 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         Only with ``return_model=True``.
     """
     check_sigma(sigma)  # everything is checked before the fit, not after it
+    began = time.perf_counter()
+    if report is not None:
+        _check_writable("report", Path(report))
     try:
         data = load_mvtec(root, category, allow_missing_masks=skip_missing_masks)
     except FileNotFoundError as exc:
@@ -139,11 +150,27 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         pick = np.flatnonzero((good | (types == t)) & has_mask)
         results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
                                                         [maps[i] for i in pick])
-    if save_maps is not None:
+    threshold = -pipe[-1].offset_
+    if save_maps is not None or report is not None:
         from ._visualize import save_overlays
+    overlays = None
+    if save_maps is not None:
+        overlays = save_overlays(data.test, maps, Path(save_maps), masks=masks, scores=-scores,
+                                 threshold=threshold)
+    if report is not None:
+        from ._report import evaluation_report
+        from ._visualize import colour_scale
 
-        save_overlays(data.test, maps, Path(save_maps), masks=masks, scores=-scores,
-                      threshold=-pipe[-1].offset_)
+        report = Path(report)
+        overlay_dir = report / "overlays"
+        if save_maps is None or Path(save_maps).resolve() != overlay_dir.resolve():
+            overlays = save_overlays(data.test, maps, overlay_dir, masks=masks,
+                                     scores=-scores, threshold=threshold)
+        evaluation_report(
+            report, pipe=pipe, test_paths=data.test, types=types, scores=scores,
+            overlays=overlays, pixel_masks=pixel_masks, pixel_maps=pixel_maps,
+            results=results, fpr_limit=fpr_limit, seconds=time.perf_counter() - began,
+            root=data.root, colour_scale=colour_scale(maps, threshold), embed=embed)
     return (results, pipe) if return_model else results
 
 
@@ -175,6 +202,10 @@ def _parse(argv):
                              "(default: refuse them before fitting)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--save-maps", help="write heat-map overlays to this folder")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write DIR/report.html (and DIR/overlays) to open in a browser")
+    parser.add_argument("--embed", action="store_true",
+                        help="embed the overlays in report.html (one file to send; large)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -183,14 +214,18 @@ def main(argv=None):
     args = _parse(argv)
     try:
         apply_image_arguments(args)
-        for option, where in (("--json", args.json), ("--save-maps", args.save_maps)):
+        if args.embed and args.report is None:
+            raise ValueError("--embed puts the overlays into the report: give --report DIR.")
+        for option, where in (("--json", args.json), ("--save-maps", args.save_maps),
+                              ("--report", args.report)):
             if where is not None:
                 _check_writable(option, Path(where).parent if option == "--json"
                                 else Path(where))
         results = evaluate(
             args.root, method=args.method, category=args.category, save_maps=args.save_maps,
             sigma=args.sigma, skip_missing_masks=args.skip_missing_masks,
-            **model_params(args), verbose=not args.quiet,
+            report=args.report, embed=args.embed, **model_params(args),
+            verbose=not args.quiet,
         )
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -203,6 +238,8 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {args.json}")
+    if args.report:
+        print(f"report: {Path(args.report) / 'report.html'}")
     return 0
 
 
