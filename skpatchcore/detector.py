@@ -18,9 +18,7 @@ __all__ = ["PatchCoreDetector"]
 
 # n_neighbors='auto' on tabular rows, as LocalOutlierFactor's default.
 _TABULAR_NEIGHBORS = 20
-# Image scores: dimension of the PCA projection that proposes each cell's neighbours, and
-# the cells of each image searched exactly first.
-_BOUND_DIM = 32
+# Image scores: the cells of each image searched exactly first.
 _FIRST_CELLS = 8
 
 
@@ -239,7 +237,7 @@ class PatchCoreDetector(MemoryBankDetector):
         """
         index = self._index("bank", self.memory_bank_)
         d = X.shape[-1]
-        if X.ndim != 4 or not isinstance(index, ExactIndex) or d <= _BOUND_DIM:
+        if X.ndim != 4 or not isinstance(index, ExactIndex):
             return self._search(X, query_groups, bank_groups)[0]
         if query_groups is None:
             bank_groups = None
@@ -281,34 +279,54 @@ class PatchCoreDetector(MemoryBankDetector):
 
     def _upper_bounds(self, rows, k, query_groups, bank_groups):
         """For each row, a distance at least its true k-nearest-neighbour distance: the mean
-        true distance to the k rows nearest in the PCA projection, measured in float32 and
-        enlarged by a margin that covers its rounding (relative ``d * 2**-23`` on the squared
-        distance, far below the 1e-4 used); inf without k eligible rows."""
-        projection, projected = self._bound_projection()
-        proposer = self._index("projected", projected)
-        q = np.ascontiguousarray(rows, dtype=np.float32) @ projection
-        _, cand = proposer.query(q, k=min(k, len(proposer)), query_groups=query_groups,
-                                 bank_groups=bank_groups, remeasure=False)
-        valid = torch.from_numpy(cand >= 0)
+        true distance to its k nearest rows within the bank cluster whose centre is nearest
+        (an inverted-file probe), measured in float32 and enlarged by a margin that covers
+        its rounding (relative ``d * 2**-23`` on the squared distance, far below the 1e-4
+        used); inf without k eligible rows in that cluster."""
+        centres, members, starts = self._bound_clusters()
+        q = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        centre_sq = (centres * centres).sum(dim=1)
+        assign = torch.addmm(centre_sq[None, :], q, centres.T, alpha=-2.0).argmin(dim=1)
+        assign = assign.numpy()
+        by_centre = np.argsort(assign, kind="stable")
+        cuts = np.searchsorted(assign[by_centre], np.arange(len(centres) + 1))
         bank = torch.from_numpy(self.memory_bank_)
-        picked = bank[torch.from_numpy(np.where(cand >= 0, cand, 0))]
-        diff = picked - torch.from_numpy(np.ascontiguousarray(rows))[:, None, :]
-        dist = torch.linalg.vector_norm(diff, dim=2).double()
-        dist = torch.where(valid, dist, torch.inf).mean(dim=1).numpy()
-        if len(proposer) < k:
-            dist[:] = np.inf
-        return dist * (1.0 + 1e-4) + 1e-12
+        masked = query_groups is not None and bank_groups is not None
+        bound = np.full(len(rows), np.inf)
+        for c in np.flatnonzero(np.diff(cuts)):
+            qi = by_centre[cuts[c] : cuts[c + 1]]
+            bi = members[starts[c] : starts[c + 1]]
+            if len(bi) < k:
+                continue
+            qc, bc = q[qi], bank[bi]
+            rank = torch.addmm((bc * bc).sum(dim=1)[None, :], qc, bc.T, alpha=-2.0)
+            if masked:
+                own = np.asarray(query_groups)[qi][:, None] == np.asarray(bank_groups)[bi][None]
+                rank[torch.from_numpy(own)] = torch.inf
+            low, cand = torch.topk(rank, k, dim=1, largest=False)
+            diff = bc[cand] - qc[:, None, :]
+            dist = torch.linalg.vector_norm(diff, dim=2).double()
+            dist = torch.where(torch.isinf(low), torch.inf, dist).mean(dim=1)
+            bound[qi] = dist.numpy()
+        return bound * (1.0 + 1e-4) + 1e-12
 
-    def _bound_projection(self):
-        """The bank's top principal directions (d, _BOUND_DIM) and the projected bank,
-        computed once per fitted model (not pickled)."""
+    def _bound_clusters(self):
+        """k-means clusters of the bank (about sqrt(m) of them): centres, the bank rows
+        sorted by cluster and where each cluster starts; computed once per fitted model
+        (not pickled), seeded."""
         cache = self.__dict__.setdefault("_indexes", {})
-        if "projection" not in cache:
-            bank = self.memory_bank_.astype(np.float64)
-            _, _, vt = np.linalg.svd(bank - bank.mean(axis=0), full_matrices=False)
-            projection = np.ascontiguousarray(vt[:_BOUND_DIM].T, dtype=np.float32)
-            cache["projection"] = (projection, self.memory_bank_ @ projection)
-        return cache["projection"]
+        if "clusters" not in cache:
+            from sklearn.cluster import KMeans
+
+            bank = self.memory_bank_
+            n_clusters = max(1, round(np.sqrt(len(bank))))
+            km = KMeans(n_clusters, n_init=1, max_iter=10, random_state=0).fit(bank)
+            members = np.argsort(km.labels_, kind="stable")
+            starts = np.searchsorted(km.labels_[members], np.arange(n_clusters + 1))
+            centres = torch.from_numpy(np.ascontiguousarray(km.cluster_centers_,
+                                                            dtype=np.float32))
+            cache["clusters"] = (centres, members, starts)
+        return cache["clusters"]
 
     def _search(self, X, query_groups=None, bank_groups=None, reweight=True):
         """Image anomaly scores s (n,) (None unless ``reweight``) and patch-distance grids

@@ -266,3 +266,33 @@ def test_many_samples_are_scored_in_bounded_chunks_with_identical_results(monkey
     tab2 = PatchCoreDetector(contamination=0.1).fit(rows)
     assert tab2.offset_ == tab.offset_
     np.testing.assert_array_equal(tab2.score_samples(rows), tab_scores)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.sampled_from([1, 3]), repeat=st.booleans(),
+       ties=st.booleans())
+def test_property_pruned_image_scores_equal_the_full_search(seed, k, repeat, ties):
+    """score_samples and the leave-one-out offset_ search exactly only the cells that can
+    hold each image's maximum; they must equal the full search (score_and_map) bit for bit,
+    with repeated edge cells and with exact ties between cells."""
+    import skpatchcore.detector as detector_module
+
+    rng = np.random.RandomState(seed)
+    train = rng.randn(12, 7, 7, 40).astype(np.float32)
+    test = rng.randn(9, 7, 7, 40).astype(np.float32)
+    test[5:, 2, 3] += 3.0
+    if repeat:  # edge rings repeat their inner neighbours, as FeatureExtractor's border
+        for X in (train, test):
+            X[:, 0] = X[:, 1]
+            X[:, :, -1] = X[:, :, -2]
+    if ties:  # two cells with the same, largest, distance
+        test[:, 4, 4] = test[:, 2, 3]
+    det = PatchCoreDetector(n_neighbors=k).fit(train)
+    np.testing.assert_array_equal(det.score_samples(test), det.score_and_map(test)[0])
+    first = detector_module._FIRST_CELLS
+    detector_module._FIRST_CELLS = 10**6  # every cell searched exactly
+    try:
+        full = PatchCoreDetector(n_neighbors=k).fit(train)
+    finally:
+        detector_module._FIRST_CELLS = first
+    assert full.offset_ == det.offset_
