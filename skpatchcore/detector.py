@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -317,10 +318,13 @@ class PatchCoreDetector(MemoryBankDetector):
         cache = self.__dict__.setdefault("_indexes", {})
         if "clusters" not in cache:
             from sklearn.cluster import KMeans
+            from sklearn.exceptions import ConvergenceWarning
 
             bank = self.memory_bank_
             n_clusters = max(1, round(np.sqrt(len(bank))))
-            km = KMeans(n_clusters, n_init=1, max_iter=10, random_state=0).fit(bank)
+            with warnings.catch_warnings():  # fewer distinct rows than clusters: still valid
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                km = KMeans(n_clusters, n_init=1, max_iter=10, random_state=0).fit(bank)
             members = np.argsort(km.labels_, kind="stable")
             starts = np.searchsorted(km.labels_[members], np.arange(n_clusters + 1))
             centres = torch.from_numpy(np.ascontiguousarray(km.cluster_centers_,
