@@ -49,9 +49,9 @@ __all__ = ["load_model", "save_model"]
 
 FORMAT_VERSION = 1
 # class -> {parameter: value that reproduces models saved before it existed}
-_ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,)}}
+_ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,), "precision": "float32"}}
 _ADDED_FITTED = {
-    "FeatureExtractor": {"border_": 0, "scales_": (1.0,)},
+    "FeatureExtractor": {"border_": 0, "scales_": (1.0,), "precision_": "float32"},
     # the tabular leave-one-out record: older files score rows without it
     "PatchCoreDetector": {"bank_sample_index_": None, "train_row_keys_": None,
                           "train_row_samples_": None},
@@ -578,6 +578,9 @@ def _check_feature_extractor(f, stored):
     border = f.integer("border_", low=0)
     if est.border != "auto" and border != est.border:
         f.fail("border_", f"the border parameter {est.border!r}", border)
+    precision = f.get("precision_", optional=True)
+    if precision is not _MISSING and precision not in ("float32", "bfloat16"):
+        f.fail("precision_", "'float32' or 'bfloat16'", precision)
     if est.patch_size % 2 == 0:
         raise _Invalid(f"{f.label}: patch_size must be odd in a fitted FeatureExtractor, got "
                        f"{est.patch_size}")

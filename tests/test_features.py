@@ -174,13 +174,14 @@ def test_pyramid_levels_are_the_downscaled_inputs_features():
     the half-size input, upsampled to the same grid."""
     rng = np.random.RandomState(3)
     X = (rng.rand(2, 64, 64, 3) * 255).astype(np.uint8)
-    pyr = FeatureExtractor(image_size=64, border=0, scales=(1.0, 0.5)).fit()
+    # float32: the comparison is exact to rounding (bfloat16 would blur it to ~2%)
+    pyr = FeatureExtractor(image_size=64, border=0, scales=(1.0, 0.5), precision="float32").fit()
     assert pyr.scales_ == (1.0, 0.5) and pyr.feature_dim_ == 2 * 168
     F = pyr.transform(X)
     assert F.shape == (2, 8, 8, 336)
-    one = FeatureExtractor(image_size=64, border=0).fit().transform(X)
+    one = FeatureExtractor(image_size=64, border=0, precision="float32").fit().transform(X)
     np.testing.assert_allclose(F[..., :168], one, atol=1e-5)
-    half = FeatureExtractor(image_size=32, border=0).fit().transform(X)
+    half = FeatureExtractor(image_size=32, border=0, precision="float32").fit().transform(X)
     up = torch.nn.functional.interpolate(
         torch.from_numpy(half).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear",
         align_corners=False).permute(0, 2, 3, 1).numpy()
@@ -191,3 +192,37 @@ def test_pyramid_levels_are_the_downscaled_inputs_features():
 def test_bad_scales_are_refused(scales):
     with pytest.raises(ValueError, match="scales=.*starting with 1.0"):
         FeatureExtractor(image_size=64, scales=scales).fit()
+
+
+def test_bfloat16_network_changes_scores_within_a_bound(defects):
+    """precision='bfloat16' runs the network in bfloat16; the features stay within 5% (relative
+    norm) of float32 ones; image scores (a different coreset, a maximum over patches) move
+    by 3% at the median and 12% at most, and defects rank the same."""
+    from sklearn.metrics import roc_auc_score
+
+    from skpatchcore import make_patchcore
+
+    X, y, _ = defects
+    feats = {p: FeatureExtractor(image_size=64, precision=p).fit().transform(X[:8])
+             for p in ("float32", "bfloat16")}
+    rel = np.linalg.norm(feats["bfloat16"] - feats["float32"]) / np.linalg.norm(
+        feats["float32"])
+    assert 0 < rel < 0.05
+    scores = {p: make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0,
+                                precision=p).fit(X[:16]).score_samples(X[16:])
+              for p in ("float32", "bfloat16")}
+    change = np.abs(scores["bfloat16"] / scores["float32"] - 1)
+    assert np.median(change) < 0.03 and change.max() < 0.12
+    assert roc_auc_score(y[16:], scores["bfloat16"]) == roc_auc_score(y[16:],
+                                                                       scores["float32"])
+
+
+def test_precision_auto_is_fixed_at_fit_and_saved(tmp_path):
+    from skpatchcore import load_model, save_model
+    from skpatchcore.features import _native_bfloat16
+
+    fe = FeatureExtractor(image_size=32, precision="auto").fit()
+    expected = "bfloat16" if _native_bfloat16(fe._device) else "float32"
+    assert fe.precision_ == expected
+    assert load_model(save_model(fe, tmp_path / "fe.npz")).precision_ == expected
+    assert FeatureExtractor(image_size=32, precision="float32").fit().precision_ == "float32"
