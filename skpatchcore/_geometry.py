@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["Geometry", "as_hw", "check_sigma", "frame_geometry", "upsample_maps"]
+__all__ = ["BilinearRows", "Geometry", "as_hw", "check_sigma", "frame_geometry",
+           "upsample_maps"]
 
 # Letterbox padding: mid grey, which both normalisations map to about 0.
 LETTERBOX_FILL = 0.5
+# Output pixels computed at once by BilinearRows.fill (bounds its float64 temporaries).
+_BAND_PIXELS = 1 << 20
 
 
 def as_hw(size, name):
@@ -104,6 +107,84 @@ def upsample_maps(grids, output_size, sigma):
     return up.astype(np.float32, copy=False)
 
 
+def _fma(a, b, c):
+    """float32 ``a * b + c`` rounded once, as a fused multiply-add: the product of two float32
+    is exact in float64, and so (to within a 2**-29 chance of a double rounding) is the
+    sum."""
+    out = np.multiply(a, b, dtype=np.float64)
+    out += c
+    return out.astype(np.float32)
+
+
+def _linear_weights(n_in, n_out):
+    """Source indices and weights of a linear resize from ``n_in`` to ``n_out`` samples,
+    computed as PyTorch's CPU kernel computes them (``align_corners=False``): float32, the
+    source position ``scale * (i + 0.5) - 0.5`` fused, clamped at 0."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = _fma(scale, np.arange(n_out, dtype=np.float32) + np.float32(0.5), np.float32(-0.5))
+    np.maximum(src, np.float32(0.0), out=src)
+    i0 = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    i1 = i0 + (i0 < n_in - 1)
+    return i0, i1, (np.float32(1.0) - lam).astype(np.float32), lam.astype(np.float32)
+
+
+class BilinearRows:
+    """A bilinear resize of a small float32 map to ``(H, W)``, computed a band of rows at a
+    time, so that a large output never has to exist whole.
+
+    The arithmetic is that of ``F.interpolate(mode='bilinear', align_corners=False)`` in
+    PyTorch's vectorised CPU loop: each source row interpolated along the width, then pairs
+    of those rows along the height, with fused multiply-adds and float32 weights computed as
+    PyTorch computes them. For maps upsampled to real image sizes the values are then
+    F.interpolate's exactly (in our tests on x86-64); its other loops (small outputs, other
+    CPUs) can round the last bit differently. Bands of any height give identical values,
+    so :meth:`Geometry.to_image` (which uses this class) and code that writes a map band by
+    band (``skpatchcore predict``) agree exactly everywhere.
+
+    Parameters
+    ----------
+    src : ndarray (h, w)
+    out_hw : (int, int)
+    """
+
+    def __init__(self, src, out_hw):
+        src = np.ascontiguousarray(src, dtype=np.float32)
+        self.shape = (int(out_hw[0]), int(out_hw[1]))
+        h, w = src.shape
+        H, W = self.shape
+        if (h, w) == (H, W):
+            self._rows, self._y = src, None
+            return
+        if w != W:  # along the width: (h, W), small
+            x0, x1, wx0, wx1 = _linear_weights(w, W)
+            src = _fma(src[:, x0], wx0, src[:, x1] * wx1)
+        self._rows = src
+        self._y = _linear_weights(h, H) if h != H else None
+
+    def rows(self, y0, y1):
+        """Rows ``[y0, y1)`` of the resized map, float32 (y1 - y0, W)."""
+        if self._y is None:
+            return self._rows[y0:y1]
+        i0, i1, w0, w1 = (a[y0:y1] for a in self._y)
+        return _fma(self._rows[i0], w0[:, None], self._rows[i1] * w1[:, None])
+
+    def bands(self, max_pixels=_BAND_PIXELS):
+        """``(y0, y1)`` of consecutive bands of at most about ``max_pixels`` pixels."""
+        H, W = self.shape
+        step = max(1, max_pixels // max(W, 1))
+        return [(y0, min(H, y0 + step)) for y0 in range(0, H, step)]
+
+    def fill(self):
+        """The whole resized map, float32 (H, W): one array, filled band by band."""
+        if self._y is None:
+            return self._rows
+        out = np.empty(self.shape, dtype=np.float32)
+        for y0, y1 in self.bands():
+            out[y0:y1] = self.rows(y0, y1)
+        return out
+
+
 class Geometry:
     """The resize / letterbox / crop that maps an image into the network input, both ways.
 
@@ -146,6 +227,37 @@ class Geometry:
             left, right = max(left - dx, 0), min(right - dx, self.crop[1])
         return top, left, bottom, right
 
+    def reduction_factor(self, src_hw):
+        """The integer factor by which an image of ``src_hw`` is shrunk before the resize.
+
+        A decoded image far larger than the place it takes in the frame (``frame_geometry``
+        (nh, nw)) is first shrunk by a box filter of ``f`` x ``f`` pixels in its own pixel
+        type (:mod:`skpatchcore._images`), so that no float32 copy of it is ever made; the
+        antialiased resize of :meth:`to_input` then does the real work from an image still
+        at least twice (nh, nw) in both dimensions. ``f`` is the largest integer with
+        ``H // f >= 2 * nh`` and ``W // f >= 2 * nw``, lowered (rarely) until the shrunk
+        size ``(ceil(H / f), ceil(W / f))`` lands on exactly the same place in the frame as
+        ``(H, W)``; 1 means no shrinking, which is the case for every image smaller than
+        about four times (nh, nw) in either dimension (at the default 320 px frame: images up
+        to about 1280 px).
+
+        Examples
+        --------
+        >>> g = Geometry(320, "letterbox")
+        >>> g.reduction_factor((12000, 12000)), g.reduction_factor((1000, 1000))
+        (18, 1)
+        """
+        h, w = (int(v) for v in src_hw)
+        place = frame_geometry((h, w), self.frame, self.resize_mode)
+        nh, nw = place[2:]
+        f = min(h // (2 * nh), w // (2 * nw))
+        while f >= 2:
+            shrunk = (-(-h // f), -(-w // f))
+            if frame_geometry(shrunk, self.frame, self.resize_mode) == place:
+                return f
+            f -= 1
+        return 1
+
     def to_input(self, image):
         """float (3, H, W) in [0, 1] -> the network input (3, h, w): resized into the frame
         (antialiased bilinear), centred on mid-grey when letterboxed, then cropped."""
@@ -163,26 +275,32 @@ class Geometry:
             image = image[:, dy : dy + self.crop[0], dx : dx + self.crop[1]]
         return image
 
-    def to_image(self, amap, src_hw):
-        """A map over the network input (h, w) -> the same map on the image's own pixels.
-
-        Pixels outside a crop get 0 (no evidence); the letterbox padding is cut away and the
-        rest is resized bilinearly to ``src_hw``.
-        """
+    def image_region(self, amap, src_hw):
+        """The part of a map over the network input (h, w) that covers an image of
+        ``src_hw``, at network-input resolution: put back into the frame (0 outside a crop,
+        i.e. no evidence) and cut to the image's place in it (the letterbox padding away).
+        :meth:`to_image` resizes it to ``src_hw``."""
         if self.crop is not None:
             frame = np.zeros(self.frame, dtype=np.float32)
             dy, dx = self.crop_offset()
             frame[dy : dy + self.crop[0], dx : dx + self.crop[1]] = amap
             amap = frame
-        top, left, nh, nw = frame_geometry(src_hw, self.frame, self.resize_mode)
-        amap = amap[top : top + nh, left : left + nw]
-        h, w = src_hw
-        if amap.shape != (h, w):
-            amap = F.interpolate(
-                torch.from_numpy(np.ascontiguousarray(amap))[None, None], size=(h, w),
-                mode="bilinear", align_corners=False,
-            )[0, 0].numpy()
-        return amap.astype(np.float32, copy=False)
+        top, left, nh, nw = frame_geometry(tuple(src_hw), self.frame, self.resize_mode)
+        return np.asarray(amap, dtype=np.float32)[top : top + nh, left : left + nw]
+
+    def image_rows(self, amap, src_hw):
+        """:meth:`to_image` as a :class:`BilinearRows`: the map on the image's own pixels,
+        a band of rows at a time (identical values)."""
+        return BilinearRows(self.image_region(amap, src_hw), tuple(int(v) for v in src_hw))
+
+    def to_image(self, amap, src_hw):
+        """A map over the network input (h, w) -> the same map on the image's own pixels.
+
+        Pixels outside a crop get 0 (no evidence); the letterbox padding is cut away and the
+        rest is resized bilinearly to ``src_hw`` (:class:`BilinearRows`: the arithmetic of
+        ``F.interpolate``, into one float32 (H, W) array without full-size temporaries).
+        """
+        return self.image_rows(amap, src_hw).fill()
 
     def grids_to_images(self, grids, sizes, sigma):
         """Patch-score grids (n, gh, gw) -> one map per image at its own (H, W): upsampled

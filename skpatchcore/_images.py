@@ -36,6 +36,17 @@ decoding: for PNG that is an ``eXIf`` chunk before ``IDAT``, where Pillow and li
 Truncated or corrupt files raise a ValueError that names the file (unless
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set).
 
+Large images: :meth:`ImageList.decode` with a :class:`~skpatchcore._geometry.Geometry` (what
+:class:`~skpatchcore.FeatureExtractor` resizes into) first shrinks an image that is far larger
+than its place in the network frame by an integer box filter, in its own pixel type, read a
+band of rows at a time, so that no float32 copy of the full image is made (see
+:meth:`Geometry.reduction_factor <skpatchcore._geometry.Geometry.reduction_factor>`; images
+under about four times the frame are never shrunk). The same rule is applied to every form,
+on the upright pixels, so identical pixels still give identical results.
+:meth:`ImageList.sizes` always reports the original size, and :meth:`ImageList.pixels` reads
+an image at full resolution a band of rows at a time (the overlays of ``skpatchcore
+predict``).
+
 Size limit: a file whose image has more pixels (H * W) than a limit is refused before it is
 decoded, a guard against decompression bombs. The limit is, in order of precedence, the value
 given to :func:`set_max_image_pixels`, the environment variable
@@ -47,6 +58,7 @@ and have no limit.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import struct
@@ -70,9 +82,12 @@ MAX_PIXELS_ENV = "SKPATCHCORE_MAX_IMAGE_PIXELS"
 
 # What Pillow raises for a file it cannot parse or decode (truncated, corrupt, unsupported).
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
-# Serialises our short switch-off of Pillow's global size check (see _open_file).
+# Serialises our short switch-off of Pillow's global size check (see open_image_file).
 _PIL_LIMIT_LOCK = threading.Lock()
 _ORIENTATION_TAG = 0x0112
+_I16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# Pixels read at once when an image is shrunk or read in bands (bounds the temporaries).
+_BAND_PIXELS = 1 << 22
 _DEFAULT = "default"
 _max_pixels_setting: int | None | str = _DEFAULT
 
@@ -214,7 +229,7 @@ def _unreadable(where, path, exc):
     )
 
 
-def _open_file(path, where):
+def open_image_file(path, where):
     """Open an image file lazily (header only), without Pillow's global size check.
 
     Pillow refuses or warns about large images by its module-global ``MAX_IMAGE_PIXELS``;
@@ -251,10 +266,76 @@ def _pil_pixels(img, where, orientation, path=None):
     return _pil_to_array(img, where)
 
 
+def _stored_box(method, size, box):
+    """The box of the stored image that ``img.transpose(method)`` puts at ``box`` of the
+    upright image (``size`` is the stored (width, height); boxes are (x0, y0, x1, y1))."""
+    W, H = size
+    x0, y0, x1, y1 = box
+    T = _transposes()
+    if method is None:
+        return box
+    if method == T[2]:  # FLIP_LEFT_RIGHT
+        return (W - x1, y0, W - x0, y1)
+    if method == T[3]:  # ROTATE_180
+        return (W - x1, H - y1, W - x0, H - y0)
+    if method == T[4]:  # FLIP_TOP_BOTTOM
+        return (x0, H - y1, x1, H - y0)
+    if method == T[5]:  # TRANSPOSE
+        return (y0, x0, y1, x1)
+    if method == T[6]:  # ROTATE_270 (clockwise)
+        return (y0, H - x1, y1, H - x0)
+    if method == T[7]:  # TRANSVERSE
+        return (W - y1, H - x1, W - y0, H - x0)
+    return (W - y1, x0, W - y0, x1)  # ROTATE_90 (counter-clockwise)
+
+
+class _Rows:
+    """Mixin of the row readers: ``shape`` (H, W) and ``rows(y0, y1)`` upright pixels."""
+
+    def rgb8(self, y0, y1):
+        """Upright rows [y0, y1) as uint8 RGB (y1 - y0, W, 3), the pixels of ``images[i]``
+        (at full resolution) scaled to 0..255 and rounded."""
+        return _to_rgb8(self.rows(y0, y1), self._where)
+
+
+class _PILRows(_Rows):
+    """A decoded PIL image read as upright pixel rows, a band at a time (no full copy)."""
+
+    def __init__(self, img, where, orientation, path=None):
+        try:
+            img.load()
+        except _READ_ERRORS as exc:
+            raise _unreadable(where, path, exc) from None
+        if img.mode == "I" or img.mode.startswith("I;") and img.mode not in _I16_MODES:
+            _pil_to_array(img, where)  # refused with the whole image's value range
+        self._img, self._where = img, where
+        self._method = _transposes().get(orientation)
+        self.shape = _upright_size(img, orientation)
+
+    def rows(self, y0, y1):
+        """Upright rows [y0, y1) as :func:`_pil_to_array` gives them."""
+        box = _stored_box(self._method, self._img.size, (0, y0, self.shape[1], y1))
+        part = self._img.crop(box)
+        if self._method is not None:
+            part = part.transpose(self._method)
+        return _pil_to_array(part, self._where)
+
+
+class _ArrayRows(_Rows):
+    """In-memory upright pixels (numpy (H, W) or (H, W, 3)) read a band of rows at a time."""
+
+    def __init__(self, arr, where):
+        self._arr, self._where = arr, where
+        self.shape = tuple(int(v) for v in arr.shape[:2])
+
+    def rows(self, y0, y1):
+        return self._arr[y0:y1]
+
+
 def _pil_to_array(img, where):
     """Upright PIL image -> uint8 (H, W) or (H, W, 3), uint16 (H, W) or float32 (H, W)."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+    if mode in _I16_MODES:
         return np.asarray(img).astype(np.uint16)  # native byte order
     if mode == "F":
         return np.asarray(img, dtype=np.float32)  # checked like a float array
@@ -285,7 +366,7 @@ def _pil_to_array(img, where):
 
 def _read_file(path, where):
     """Image file -> upright pixel array, refused above the pixel limit before decoding."""
-    with _open_file(path, where) as img:
+    with open_image_file(path, where) as img:
         orientation = _orientation(img)  # from the header, as in ImageList.sizes
         _check_pixel_limit(path, where, img.height, img.width)
         return _pil_pixels(img, where, orientation, path=path)
@@ -377,6 +458,65 @@ def _array_to_tensor(arr, where):
     return out.permute(2, 0, 1).contiguous()
 
 
+def _shrink(source, f, where):
+    """Shrink upright pixels by an ``f`` x ``f`` box filter, a band of rows at a time.
+
+    Each output pixel is the mean of the pixels of its block; the blocks of the last rows and
+    columns hold what is left (``H % f`` rows, ``W % f`` columns), so the output has
+    ``(ceil(H / f), ceil(W / f))`` pixels. Integer pixels are summed exactly and rounded
+    half up back to their own type; float pixels are averaged in float64, then float32 (and
+    checked, over the full image, as :func:`_array_to_tensor` checks them). Every form
+    passes its upright pixels through here, so identical pixels give identical output.
+    """
+    H, W = source.shape
+    band = f * max(1, _BAND_PIXELS // (W * f))
+    cols = np.arange(0, W, f)
+    col_counts = np.minimum(f, W - cols)
+    out = None
+    lo, hi = np.inf, -np.inf
+    for y0 in range(0, H, band):
+        px = source.rows(y0, min(H, y0 + band))
+        is_float = px.dtype.kind == "f"
+        if is_float:
+            if not np.isfinite(px).all():
+                raise _bad(f"{where}: image contains NaN or infinite values.")
+            lo, hi = min(lo, float(px.min())), max(hi, float(px.max()))
+            acc = np.float64
+        else:
+            acc = np.uint32 if px.dtype.itemsize == 1 and f <= 4096 else np.uint64
+        starts = np.arange(0, len(px), f)
+        sums = np.add.reduceat(px, starts, axis=0, dtype=acc)
+        sums = np.add.reduceat(sums, cols, axis=1, dtype=acc)
+        counts = np.minimum(f, len(px) - starts)[:, None] * col_counts[None, :]
+        if sums.ndim == 3:
+            counts = counts[..., None]
+        if out is None:
+            dtype = np.float32 if is_float else px.dtype.newbyteorder("=")
+            out = np.empty((-(-H // f),) + sums.shape[1:], dtype=dtype)
+        r0 = y0 // f
+        if is_float:
+            out[r0 : r0 + len(sums)] = sums / counts
+        else:
+            counts = counts.astype(acc)
+            out[r0 : r0 + len(sums)] = (sums + counts // 2) // counts
+    if lo < 0.0 or hi > 1.0:
+        raise _bad(
+            f"{where}: float images must lie in [0, 1], got values in [{lo:g}, {hi:g}]; "
+            "divide 8-bit data by 255 (or pass it as uint8)."
+        )
+    return out
+
+
+def _to_rgb8(px, where):
+    """Upright pixel rows -> uint8 RGB (r, W, 3), equal to ``(t * 255).round()`` of the
+    float32 tensor ``t`` that :func:`_array_to_tensor` makes of them (for uint8 pixels that
+    is the pixels themselves: x / 255 * 255 in float32 is within 2e-5 of x)."""
+    if px.dtype == np.uint8:
+        return px if px.ndim == 3 else np.repeat(px[..., None], 3, axis=2)
+    t = _array_to_tensor(px, where)
+    return (t.permute(1, 2, 0).numpy() * np.float32(255)).round().astype(np.uint8)
+
+
 class ImageList:
     """A lazily decoded, indexable collection of images.
 
@@ -384,11 +524,17 @@ class ImageList:
     ``images.name(i)`` a human-readable description for messages (the path when there is one).
     Every item is one image: a path, a PIL image, a numpy array (channels last) or a torch
     tensor (channels first).
+
+    A list made by :meth:`for_geometry` shrinks large images for a network frame as
+    :meth:`decode` does; :meth:`take` gives a part of the list that keeps the names
+    (``X[i]``) of the whole.
     """
 
-    def __init__(self, items, kind):
+    def __init__(self, items, kind, geometry=None, offset=0):
         self._items = items
         self._kind = kind
+        self._geometry = geometry
+        self._offset = offset
 
     def __len__(self):
         return len(self._items)
@@ -396,20 +542,109 @@ class ImageList:
     def name(self, i):
         item = self._items[i]
         if isinstance(item, str | os.PathLike):
-            return f"X[{i}] ({os.fspath(item)!r})"
-        return f"X[{i}]"
+            return f"X[{i + self._offset}] ({os.fspath(item)!r})"
+        return f"X[{i + self._offset}]"
+
+    def for_geometry(self, geometry):
+        """The same images, whose ``[i]`` is ``decode(i, geometry)``.
+
+        Parameters
+        ----------
+        geometry : Geometry or None
+            What the images will be resized into (None: no shrinking).
+
+        Returns
+        -------
+        images : ImageList
+        """
+        return ImageList(self._items, self._kind, geometry, self._offset)
+
+    def take(self, start, stop):
+        """Images ``start`` to ``stop - 1`` as an ImageList whose messages keep their place
+        in this one (``X[start]`` ...) and which shrinks as this one does."""
+        return ImageList(self._items[start:stop], self._kind, self._geometry,
+                         self._offset + start)
 
     def __getitem__(self, i):
+        return self.decode(i)
+
+    def decode(self, i, geometry=None):
+        """Image ``i`` as a float32 tensor (3, h, w) in [0, 1], shrunk for ``geometry``.
+
+        Parameters
+        ----------
+        i : int
+        geometry : Geometry or None, default=None
+            The frame the image is about to be resized into (by ``geometry.to_input``).
+            An image far larger than its place in that frame is first shrunk by the integer
+            factor ``f = geometry.reduction_factor((H, W))`` with a box filter in its own
+            pixel type, a band of rows at a time, so that its float32 copy is small: a
+            12000 x 12000 RGB PNG costs its decoded file (4 bytes per pixel in Pillow, or
+            the array itself) plus a few MB, not 1.7 GB of float32. ``(h, w) =
+            (ceil(H / f), ceil(W / f))``, which lands on exactly the place of ``(H, W)`` in
+            the frame. Images with ``f == 1`` (every image under about four times the
+            frame) are decoded exactly as without a geometry. None: the geometry of
+            :meth:`for_geometry`, if any; otherwise no shrinking.
+
+        Returns
+        -------
+        image : torch.Tensor (3, h, w), float32
+        """
+        geometry = geometry if geometry is not None else self._geometry
         item = self._items[i]
         where = self.name(i)
         if isinstance(item, str | os.PathLike):
-            return _array_to_tensor(_read_file(item, where), where)
+            if geometry is None:
+                return _array_to_tensor(_read_file(item, where), where)
+            with open_image_file(item, where) as img:
+                orientation = _orientation(img)
+                _check_pixel_limit(item, where, img.height, img.width)
+                f = geometry.reduction_factor(_upright_size(img, orientation))
+                if f == 1:
+                    pixels = _pil_pixels(img, where, orientation, path=item)
+                else:
+                    pixels = _shrink(_PILRows(img, where, orientation, path=item), f, where)
+            return _array_to_tensor(pixels, where)
         Image = _pil()
         if isinstance(item, Image.Image):
-            return _array_to_tensor(_pil_pixels(item, where, _orientation(item)), where)
+            orientation = _orientation(item)
+            f = 1 if geometry is None else geometry.reduction_factor(
+                _upright_size(item, orientation))
+            if f == 1:
+                return _array_to_tensor(_pil_pixels(item, where, orientation), where)
+            return _array_to_tensor(_shrink(_PILRows(item, where, orientation), f, where),
+                                    where)
         if isinstance(item, torch.Tensor | np.ndarray):
-            return _array_to_tensor(_as_pixels(item, where), where)
+            pixels = _as_pixels(item, where)
+            f = 1 if geometry is None else geometry.reduction_factor(pixels.shape[:2])
+            if f > 1:
+                pixels = _shrink(_ArrayRows(pixels, where), f, where)
+            return _array_to_tensor(pixels, where)
         raise _bad(f"{where}: unsupported item of type {type(item).__name__}.")
+
+    @contextlib.contextmanager
+    def pixels(self, i):
+        """Image ``i`` at full resolution, upright, read a band of rows at a time.
+
+        A context manager giving a reader with ``shape`` (H, W), ``rows(y0, y1)`` (the
+        upright pixels in their own type: uint8 / uint16 / float32, (r, W) or (r, W, 3)) and
+        ``rgb8(y0, y1)`` (uint8 RGB, the pixels of ``images[i]`` times 255, rounded). A file
+        is decoded once, kept (as Pillow decodes it) while the block runs and closed after.
+        """
+        item = self._items[i]
+        where = self.name(i)
+        if isinstance(item, str | os.PathLike):
+            with open_image_file(item, where) as img:
+                orientation = _orientation(img)
+                _check_pixel_limit(item, where, img.height, img.width)
+                yield _PILRows(img, where, orientation, path=item)
+            return
+        if isinstance(item, _pil().Image):
+            yield _PILRows(item, where, _orientation(item))
+        elif isinstance(item, torch.Tensor | np.ndarray):
+            yield _ArrayRows(_as_pixels(item, where), where)
+        else:
+            raise _bad(f"{where}: unsupported item of type {type(item).__name__}.")
 
     def sizes(self):
         """(H, W) of every image, upright, read from file headers where possible (no decoding).
@@ -423,7 +658,7 @@ class ImageList:
         sizes = []
         for i, item in enumerate(self._items):
             if isinstance(item, str | os.PathLike):
-                with _open_file(item, self.name(i)) as img:
+                with open_image_file(item, self.name(i)) as img:
                     sizes.append(_upright_size(img, _orientation(img)))
             elif isinstance(item, Image.Image):
                 sizes.append(_upright_size(item, _orientation(item)))

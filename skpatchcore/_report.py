@@ -126,9 +126,11 @@ def _image_src(folder, path, embed):
 
 
 def _image_size(path):
-    from PIL import Image
+    from ._images import open_image_file
 
-    with Image.open(path) as img:  # reads the header only
+    # the header only, and without Pillow's decompression-bomb check, which refuses the
+    # overlay of a very large image (our own file, and never decoded here)
+    with open_image_file(path, "report") as img:
         return img.size
 
 

@@ -174,7 +174,6 @@ def _publish(staging, out, overwrite):
 
 
 def _cmd_predict(args):
-    from ._visualize import save_overlays
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
 
@@ -186,15 +185,15 @@ def _cmd_predict(args):
     if not isinstance(model, PatchCorePipeline):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, not a pipeline made by "
                          "'skpatchcore fit'")
-    for _, step in model.steps:
+    for _, step in model.steps:  # one progress bar per phase instead (_predict_into)
         if hasattr(step, "verbose"):
-            step.verbose = not args.quiet
+            step.verbose = False
     paths = _collect_images(args.inputs)
     # the run is written into a fresh folder beside --out and moved in when complete
     out.parent.mkdir(parents=True, exist_ok=True)
     final, staging = out, Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        n_bad = _predict_into(model, paths, staging, args, save_overlays)
+        n_bad = _predict_into(model, paths, staging, args)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -206,12 +205,43 @@ def _cmd_predict(args):
     return 0
 
 
-def _predict_into(model, paths, out, args, save_overlays):
+#: Gaussian smoothing of predict's maps, in network-input pixels.
+_SIGMA = 4.0
+#: Values of each image's map kept for the overlays' shared colour scale.
+_SCALE_SAMPLE = 1024
+
+
+def _predict_into(model, paths, out, args):
     """Score ``paths`` and write scores.csv, overlays, masks and report.html into ``out``;
-    returns the number of images labelled -1."""
+    returns the number of images labelled -1.
+
+    Two passes, in memory that does not grow with the number of images beyond a patch grid
+    per image (and 4 KB of map values, for the colour scale): (1) images a chunk at a time
+    -> features -> scores and patch grids (:meth:`PatchCorePipeline.iter_score_and_grids`);
+    (2) with ``--no-images`` off, image by image: its map at network-input resolution, then
+    at full resolution a band of rows at a time, written into its mask and overlay as it
+    goes. No full-resolution map ever exists whole; the largest allocation is the decoded
+    image file (see docs/cli.md, "Memory")."""
+    from ._geometry import upsample_maps
+    from ._images import check_images
+    from ._utils import progress
+    from ._visualize import colour_scale, colour_scale_sample, overlay_name, write_overlay
+
     start = time.perf_counter()
     detector = model[-1]
-    scores, maps = model.score_and_map(paths, sigma=4.0)
+    geometry = model._extractor()._geometry
+    images = check_images(paths)
+    n = len(images)
+    scores = np.empty(n, dtype=np.float64)
+    grids = None
+    bar = progress(total=n, desc="scoring", unit="img", disable=args.quiet)
+    for first, chunk_scores, chunk_grids in model.iter_score_and_grids(images):
+        if grids is None:
+            grids = np.empty((n,) + chunk_grids.shape[1:], dtype=np.float32)
+        scores[first : first + len(chunk_scores)] = chunk_scores
+        grids[first : first + len(chunk_grids)] = chunk_grids
+        bar.update(len(chunk_scores))
+    bar.close()
     decision = scores - detector.offset_
     labels = np.where(decision < 0, -1, 1)
     with open(out / "scores.csv", "w", newline="") as fh:
@@ -220,26 +250,37 @@ def _predict_into(model, paths, out, args, save_overlays):
         for p, s, d, lab in zip(paths, scores, decision, labels, strict=True):
             writer.writerow([str(p), f"{s:.6f}", f"{d:.6f}", int(lab)])
     threshold = -detector.offset_ if args.threshold is None else args.threshold
-    overlays = None
+    overlays = scale = None
     if not args.no_images:
-        overlays = save_overlays(paths, maps, out / "overlays", scores=-scores,
-                                 threshold=threshold)
-        mask_dir = out / "masks"
-        mask_dir.mkdir(exist_ok=True)
-        from PIL import Image
+        sizes = images.sizes()
 
-        for i, (p, amap) in enumerate(zip(paths, maps, strict=True)):
-            Image.fromarray(((amap > threshold) * 255).astype(np.uint8)).save(
-                mask_dir / f"{i:04d}_{p.stem}_mask.png")
+        def input_map(i):  # image i's map over the network input, smoothed
+            return upsample_maps(grids[i][None], geometry.input_size, _SIGMA)[0]
+
+        # the shared colour scale, from every map before its resize to the image's pixels
+        scale = colour_scale(None, threshold, samples=[colour_scale_sample(
+            geometry.image_region(input_map(i), sizes[i]), _SCALE_SAMPLE) for i in range(n)])
+        (out / "overlays").mkdir()
+        (out / "masks").mkdir()
+        overlays = []
+        bar = progress(total=n, desc="overlays", unit="img", disable=args.quiet)
+        for i, p in enumerate(paths):
+            full_map = geometry.image_rows(input_map(i), sizes[i])  # made band by band
+            path = out / "overlays" / overlay_name(i, p.stem, -scores[i])
+            with images.pixels(i) as px:
+                write_overlay(path, px.rgb8, full_map.rows, px.shape, vmin=scale[0],
+                              vmax=scale[1], threshold=threshold,
+                              mask_path=out / "masks" / f"{i:04d}_{p.stem}_mask.png")
+            overlays.append(path)
+            bar.update(1)
+        bar.close()
     if not args.no_report:
         from ._report import predict_report
-        from ._visualize import colour_scale
 
         predict_report(out, model_file=Path(args.model).resolve(), pipe=model, paths=paths,
                        scores=scores, overlays=overlays, seconds=time.perf_counter() - start,
                        pixel_threshold=None if args.threshold is None else threshold,
-                       colour_scale=None if overlays is None else colour_scale(maps, threshold),
-                       embed=args.embed)
+                       colour_scale=scale, embed=args.embed)
     return int((labels == -1).sum())
 
 

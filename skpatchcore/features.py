@@ -451,7 +451,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(start + self.batch_size, n)
-                decoded = [images[i] for i in range(start, stop)]
+                decoded = [images.decode(i, geometry) for i in range(start, stop)]
                 batch = torch.stack([geometry.to_input(image) for image in decoded])
                 grids = self._embed(batch.to(self._device))
                 if self.border_:

@@ -8,10 +8,14 @@ adds is the one path from images to scores and maps at each image's own pixels
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted
 
+from ._base import SCORE_CHUNK_ROWS
 from ._geometry import check_sigma
 from ._images import check_images
 from .coreset import CoresetSampler
@@ -89,6 +93,55 @@ class PatchCorePipeline(Pipeline):
         images = check_images(X)
         scores, grids = self._final_estimator.score_and_map(self._features(images))
         return scores, _as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
+
+    @available_if(_final_has("score_and_map"))
+    def iter_score_and_grids(self, X, chunk_size=None):
+        """:meth:`score_and_map` a chunk of images at a time, with patch grids instead of
+        full-resolution maps, so that memory does not grow with the number of images.
+
+        Images far larger than the network frame are shrunk before the resize, in their
+        own pixel type (:meth:`ImageList.decode <skpatchcore._images.ImageList.decode>`),
+        so a huge image costs its decoded file, not a float32 copy of it.
+
+        Parameters
+        ----------
+        X : images
+            Any form FeatureExtractor accepts.
+        chunk_size : int or None, default=None
+            Images per chunk. None: the smallest common multiple of the extractor's
+            ``batch_size`` and the images per search chunk of the detector (40 at the
+            defaults; when that multiple exceeds 256 images, the search chunk times
+            ``batch_size // chunk``, at least once), so that every search, and every
+            network batch, holds the same images as in :meth:`score_samples`, whose scores
+            these equal (the tests find them equal for any chunk size too). The chunk's
+            features take about ``SCORE_CHUNK_ROWS * feature_dim_ * 4`` bytes (44 MB at the
+            defaults), whatever the image size.
+
+        Yields
+        ------
+        start : int
+            Index in X of the chunk's first image.
+        scores : ndarray of shape (b,), float64
+            ``score_samples`` of the chunk's images (lower = more abnormal).
+        grids : ndarray of shape (b, h, w), float32
+            Their patch-score grids (higher = more anomalous): ``maps_to_images(grids,
+            sizes, sigma)`` of the FeatureExtractor gives :meth:`score_and_map`'s maps, and
+            its ``_geometry.image_rows`` gives them a band of rows at a time.
+        """
+        check_is_fitted(self)
+        extractor = self._extractor()
+        images = check_images(X).for_geometry(extractor._geometry)
+        if chunk_size is None:
+            cells = int(np.prod(extractor.grid_shape_))
+            step = max(1, SCORE_CHUNK_ROWS // cells)
+            batch = int(extractor.batch_size)
+            chunk_size = math.lcm(step, batch)
+            if chunk_size > 256:
+                chunk_size = max(1, max(step, batch) // step) * step
+        for start in range(0, len(images), chunk_size):
+            part = images.take(start, start + chunk_size)
+            scores, grids = self._final_estimator.score_and_map(self._features(part))
+            yield start, scores, grids
 
     @available_if(_final_has("predict_map"))
     def predict_map(self, X, sigma=4.0):

@@ -235,3 +235,162 @@ def test_max_image_pixels_option(folders, model, tmp_path, capsys):
     assert main(args + ["--max-image-pixels", "none"]) == 0
     with pytest.raises(SystemExit):
         main(args + ["--max-image-pixels", "-5"])
+
+
+# ------------------------------------------------------------ predict in bounded memory
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_predict_streams_chunks_with_the_scores_of_score_samples(folders, model, tmp_path,
+                                                                  monkeypatch):
+    import skpatchcore.pipeline as pipeline
+
+    pipe = load_model(model)
+    paths = sorted((folders / "good").glob("*.png")) + sorted((folders / "new").glob("*.png"))
+    expected = pipe.score_samples(paths)
+    for chunk_size in (None, 5, 1):
+        parts = list(pipe.iter_score_and_grids(paths, chunk_size=chunk_size))
+        scores = np.concatenate([s for _, s, _ in parts])
+        np.testing.assert_array_equal(scores, expected)  # exactly, whatever the chunks
+        grids = np.concatenate([g for _, _, g in parts])
+        assert grids.shape == (24, 8, 8) and grids.dtype == np.float32
+    assert [start for start, _, _ in parts] == list(range(24))
+    _, ref_grids = pipe[-1].score_and_map(pipe[0].transform(paths))
+    np.testing.assert_array_equal(grids, ref_grids)
+    # the command, forced to stream 8 images at a time (3 chunks)
+    monkeypatch.setattr(pipeline, "SCORE_CHUNK_ROWS", 64)
+    calls = []
+    real = pipeline.PatchCorePipeline.score_and_map
+    monkeypatch.setattr(pipeline.PatchCorePipeline, "score_and_map",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folders / "good"), str(folders / "new"), "--out",
+                 str(out), "--quiet"]) == 0
+    assert not calls  # the full-resolution maps of every image are never built at once
+    rows = _rows(out / "scores.csv")
+    offset = pipe[-1].offset_
+    assert [r["score"] for r in rows] == [f"{s:.6f}" for s in expected]
+    assert [int(r["label"]) for r in rows] == list(np.where(expected - offset < 0, -1, 1))
+    assert [r["decision"] for r in rows] == [f"{s - offset:.6f}" for s in expected]
+
+
+def test_predict_masks_and_overlays_are_the_maps_of_the_python_api(folders, model, tmp_path,
+                                                                    monkeypatch):
+    import skpatchcore._visualize as visualize
+
+    scales = []
+    real = visualize.colour_scale
+    monkeypatch.setattr(visualize, "colour_scale",
+                        lambda *a, **k: scales.append(real(*a, **k)) or scales[-1])
+    monkeypatch.setattr(visualize, "_BAND_PIXELS", 300)  # bands of 2 rows of 2 x 64 pixels
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(folders / "new"), "--out", str(out), "--quiet",
+                 "--threshold", "0.5"]) == 0
+    pipe = load_model(model)
+    paths = sorted((folders / "new").glob("*.png"))
+    maps = pipe.predict_map(paths, sigma=4.0)
+    (vmin, vmax), = scales
+    for i, p in enumerate(paths):
+        mask = np.asarray(Image.open(out / "masks" / f"{i:04d}_{p.stem}_mask.png"))
+        np.testing.assert_array_equal(mask, (maps[i] > 0.5) * 255)
+        overlay_file, = (out / "overlays").glob(f"{i:04d}_{p.stem}_score*_overlay.png")
+        pair = np.asarray(Image.open(overlay_file))
+        rgb = np.asarray(Image.open(p).convert("RGB"))
+        np.testing.assert_array_equal(pair[:, :64], rgb)
+        np.testing.assert_array_equal(pair[:, 64:], visualize.overlay(
+            rgb, maps[i], vmin=vmin, vmax=vmax, threshold=0.5))
+    # the shared scale comes from the maps at network-input resolution, close to the old one
+    old_vmin, old_vmax = real(list(maps), 0.5)
+    assert abs(vmin - old_vmin) < 0.05 * (old_vmax - old_vmin)
+    assert abs(vmax - old_vmax) < 0.05 * (old_vmax - old_vmin)
+    assert "turbo" in (out / "report.html").read_text()
+
+
+def test_predict_shrinks_a_large_image_and_maps_it_back_whole(folders, model, tmp_path):
+    from skpatchcore._geometry import upsample_maps
+    from skpatchcore._images import check_images
+
+    rng = np.random.RandomState(5)
+    base = np.asarray(Image.open(folders / "new" / "n20.png").convert("RGB"))
+    big = np.asarray(Image.fromarray(base).resize((500, 600), Image.BILINEAR))
+    big = np.clip(big.astype(int) + rng.randint(-3, 4, big.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    pipe = load_model(model)
+    geometry = pipe[0]._geometry
+    assert geometry.reduction_factor((600, 500)) == 4  # 150 x 125 before the 64 px resize
+    out = tmp_path / "out"
+    assert main(["predict", str(model), str(tmp_path / "big.png"), "--out", str(out),
+                 "--quiet"]) == 0
+    score = float(_rows(out / "scores.csv")[0]["score"])
+    shrunk = check_images([tmp_path / "big.png"]).for_geometry(geometry)
+    expected = pipe[-1].score_samples(pipe[0].transform(shrunk))[0]
+    assert f"{score:.6f}" == f"{expected:.6f}"
+    # the same pixels in another form: the same score
+    (_, from_array, grids), = pipe.iter_score_and_grids(big[None])
+    assert from_array[0] == expected
+    mask = np.asarray(Image.open(out / "masks" / "0000_big_mask.png"))
+    assert mask.shape == (600, 500)
+    full = geometry.to_image(upsample_maps(grids, geometry.input_size, 4.0)[0], (600, 500))
+    np.testing.assert_array_equal(mask, (full > -pipe[-1].offset_) * 255)
+    overlay_file, = (out / "overlays").glob("0000_big_score*_overlay.png")
+    assert Image.open(overlay_file).size == (1000, 600)
+
+
+def test_report_reads_overlays_larger_than_pillows_limit(tmp_path):
+    import struct
+    import zlib
+
+    from skpatchcore._report import _image_size
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path = tmp_path / "huge_overlay.png"  # the header of a 24000 x 12000 overlay
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 24000, 12000,
+                                                                          8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert _image_size(path) == (24000, 12000)
+
+
+# ------------------------------------------------------------- overlays and masks, banded
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_written_in_bands_reads_back(tmp_path, channels):
+    from skpatchcore._visualize import _PNGWriter
+
+    rng = np.random.RandomState(6)
+    shape = (53, 41) if channels == 1 else (53, 41, 3)
+    smooth = np.cumsum(rng.randint(-2, 3, shape), axis=1) % 256  # all five filters get used
+    x = np.where(rng.rand(*shape) < 0.5, smooth, rng.randint(0, 256, shape)).astype(np.uint8)
+    with _PNGWriter(tmp_path / "x.png", 53, 41, channels) as png:
+        for y in range(0, 53, 7):
+            png.write(x[y : y + 7])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x.png")), x)
+    with pytest.raises(ValueError, match="10 of 53 rows"):  # no partial file is kept
+        with _PNGWriter(tmp_path / "y.png", 53, 41, channels) as png:
+            png.write(x[:10])
+    assert not (tmp_path / "y.png").exists()
+
+
+def test_overlay_written_in_bands_equals_the_whole_overlay(tmp_path, monkeypatch):
+    import skpatchcore._visualize as visualize
+
+    rng = np.random.RandomState(7)
+    image = (rng.rand(31, 24, 3) * 255).astype(np.uint8)
+    amap = rng.rand(31, 24).astype(np.float32)
+    gt = np.zeros((31, 24), bool)
+    gt[5:20, 3:9] = True
+    monkeypatch.setattr(visualize, "_BAND_PIXELS", 100)  # bands of 2 rows
+    visualize.write_overlay(tmp_path / "o.png", lambda a, b: image[a:b], lambda a, b: amap[a:b],
+                            (31, 24), vmin=0.1, vmax=0.9, threshold=0.6,
+                            mask_rows=lambda a, b: gt[a:b], mask_path=tmp_path / "m.png")
+    whole = visualize.overlay(image, amap, vmin=0.1, vmax=0.9, threshold=0.6, mask=gt)
+    pair = np.asarray(Image.open(tmp_path / "o.png"))
+    np.testing.assert_array_equal(pair, np.concatenate([image, whole], axis=1))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m.png")), (amap > 0.6) * 255)
+    visualize.write_mask(tmp_path / "m2.png", lambda a, b: amap[a:b], (31, 24), 0.6)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m2.png")),
+                                  (amap > 0.6) * 255)

@@ -489,3 +489,182 @@ def test_property_uint8_float_list_tensor_agree(h, w, seed, gray):
     for form in (X / 255.0, list(X), pil, tensor, list(tensor)):
         for a, b in zip(_all(check_images(form)), ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- large images
+def _as_before(x):
+    """How a uint8 image (H, W, 3) was decoded before shrinking existed."""
+    return torch.from_numpy(x).to(torch.float32).div_(255.0).permute(2, 0, 1).contiguous()
+
+
+def _block_means(x, f):
+    """Reference box filter: mean of each f x f block (partial blocks at the bottom and
+    right), rounded half up for integers."""
+    H, W = x.shape[:2]
+    out = np.empty((-(-H // f), -(-W // f)) + x.shape[2:], dtype=np.float64)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            block = x[i * f : (i + 1) * f, j * f : (j + 1) * f].astype(np.float64)
+            out[i, j] = block.reshape((-1,) + x.shape[2:]).mean(axis=0)
+    return out if x.dtype.kind == "f" else np.floor(out + 0.5).astype(x.dtype)
+
+
+def test_normal_images_are_decoded_bit_for_bit_as_before(tmp_path):
+    """Images under twice the frame (every image of the development sets: up to ~630 px
+    against 320) are never shrunk: decoding with the geometry is the decoding of before."""
+    from skpatchcore._geometry import Geometry
+
+    g = Geometry(320, "letterbox")
+    rng = np.random.RandomState(0)
+    for h, w in [(630, 630), (630, 400), (256, 256), (1279, 1279), (700, 1279), (20, 1000)]:
+        assert g.reduction_factor((h, w)) == 1
+        x = (rng.rand(h, w, 3) * 255).astype(np.uint8)
+        Image.fromarray(x).save(tmp_path / "x.png")
+        _save_oriented(Image.fromarray(x), tmp_path / "x6.png", 6)
+        expected = _as_before(x)
+        for form in ([tmp_path / "x.png"], [tmp_path / "x6.png"], [Image.fromarray(x)], x[None],
+                     torch.from_numpy(x).permute(2, 0, 1)[None]):
+            images = check_images(form)
+            assert torch.equal(images.decode(0, g), expected)
+            assert torch.equal(images.for_geometry(g)[0], expected)
+    # other pixel types too: the same tensor with and without the geometry
+    gray16 = (rng.rand(500, 300) * 65535).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    for form in ([tmp_path / "g16.png"], [gray16], [gray16.astype(np.float32) / 65535]):
+        images = check_images(form)
+        assert torch.equal(images.decode(0, g), images[0])
+
+
+def test_large_images_are_shrunk_alike_in_every_form(tmp_path):
+    from skpatchcore._geometry import Geometry
+
+    g = Geometry(16, "letterbox")
+    rng = np.random.RandomState(1)
+    x = (rng.rand(203, 151, 3) * 255).astype(np.uint8)
+    f = g.reduction_factor((203, 151))
+    assert f == 6  # 34 x 26 pixels, at least twice their 16 x 12 place in the frame
+    Image.fromarray(x).save(tmp_path / "x.png")
+    for tag in (3, 6, 8):
+        _save_oriented(Image.fromarray(x), tmp_path / f"x{tag}.png", tag)
+    chw = torch.from_numpy(x).permute(2, 0, 1)
+    forms = [[tmp_path / "x.png"], [tmp_path / f"x{3}.png"], [tmp_path / "x6.png"],
+             [tmp_path / "x8.png"], [Image.fromarray(x)], x[None], [x], chw[None], [chw],
+             [Image.open(tmp_path / "x6.png")],
+             np.concatenate([x, np.full(x.shape[:2] + (1,), 9, np.uint8)], -1)[None]]
+    expected = _as_before(_block_means(x, f))
+    assert tuple(expected.shape) == (3, 34, 26)
+    for form in forms:
+        images = check_images(form)
+        assert images.sizes() == [(203, 151)]  # the original size: maps come back to it
+        assert torch.equal(images.decode(0, g), expected)
+        assert torch.equal(images.for_geometry(g)[0], expected)
+    # the shrunk image lands exactly where the original does
+    from skpatchcore._geometry import frame_geometry
+
+    assert frame_geometry((34, 26), g.frame, "letterbox") == frame_geometry(
+        (203, 151), g.frame, "letterbox")
+
+
+@pytest.mark.parametrize("kind", ["uint8 rgb", "uint8 gray", "uint16", "float32", "float64"])
+def test_shrink_is_a_box_filter_in_the_pixel_type(kind, monkeypatch):
+    from skpatchcore._geometry import Geometry
+
+    rng = np.random.RandomState(2)
+    shape = (157, 211) if kind in ("uint8 gray", "uint16") else (157, 211, 3)
+    x = {"uint8 rgb": lambda: (rng.rand(*shape) * 255).astype(np.uint8),
+         "uint8 gray": lambda: (rng.rand(*shape) * 255).astype(np.uint8),
+         "uint16": lambda: (rng.rand(*shape) * 65535).astype(np.uint16),
+         "float32": lambda: rng.rand(*shape).astype(np.float32),
+         "float64": lambda: rng.rand(*shape)}[kind]()
+    g = Geometry(8, "stretch")
+    f = g.reduction_factor(shape[:2])
+    assert f == 9 and 157 % f and 211 % f  # partial blocks at the bottom and the right
+    ref = _block_means(x, f)
+    whole = check_images([x]).decode(0, g)
+    monkeypatch.setattr(_images, "_BAND_PIXELS", 500)  # bands of 9 rows: same values
+    banded = check_images([x]).decode(0, g)
+    assert torch.equal(whole, banded)
+    expected = check_images([ref.astype(np.float32) if x.dtype.kind == "f" else ref])[0]
+    if x.dtype.kind == "f":
+        torch.testing.assert_close(whole, expected, rtol=0, atol=1e-7)
+    else:
+        assert torch.equal(whole, expected)
+
+
+def test_shrinking_never_makes_a_full_size_float_copy(tmp_path, monkeypatch):
+    from skpatchcore._geometry import Geometry
+
+    x = (np.random.RandomState(3).rand(600, 450, 3) * 255).astype(np.uint8)
+    Image.fromarray(x).save(tmp_path / "x.png")
+    seen, bands = [], []
+    real_tensor, real_rows = _images._array_to_tensor, _images._PILRows.rows
+
+    def record_tensor(arr, where):
+        seen.append(arr.shape)
+        return real_tensor(arr, where)
+
+    def record_rows(self, y0, y1):
+        bands.append(y1 - y0)
+        return real_rows(self, y0, y1)
+
+    monkeypatch.setattr(_images, "_array_to_tensor", record_tensor)
+    monkeypatch.setattr(_images._PILRows, "rows", record_rows)
+    monkeypatch.setattr(_images, "_BAND_PIXELS", 20_000)
+    image = check_images(tmp_path / "x.png").decode(0, Geometry(32, "letterbox"))
+    assert seen == [(67, 50, 3)] and tuple(image.shape) == (3, 67, 50)  # f = 9
+    assert max(bands) * 450 <= 2 * 20_000 and sum(bands) == 600
+
+
+def test_float_images_are_checked_before_they_are_shrunk():
+    from skpatchcore._geometry import Geometry
+
+    g = Geometry(8, "stretch")
+    x = np.zeros((100, 100), np.float32)
+    x[50, 50] = 1.5  # a 10 x 10 block mean of 0.015 would pass
+    for geometry in (None, g):
+        with pytest.raises(ValueError, match=r"X\[0\]: float images must lie in \[0, 1\], got "
+                                             r"values in \[0, 1\.5\]"):
+            check_images([x]).decode(0, geometry)
+    x[50, 50] = np.nan
+    with pytest.raises(ValueError, match=r"X\[0\]: image contains NaN or infinite values"):
+        check_images([x]).decode(0, g)
+    big = Image.fromarray(np.arange(10000, dtype=np.int32).reshape(100, 100))
+    with pytest.raises(ValueError, match=r"mode 'I' \(integer pixels, values 0\.\.9999\)"):
+        check_images([big]).decode(0, g)
+
+
+def test_pixels_read_in_bands_are_the_decoded_image(tmp_path):
+    rng = np.random.RandomState(4)
+    x = (rng.rand(37, 23, 3) * 255).astype(np.uint8)
+    _save_oriented(Image.fromarray(x), tmp_path / "x6.png", 6)
+    gray16 = (rng.rand(19, 31) * 65535).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    forms = [[tmp_path / "x6.png"], [tmp_path / "g16.png"], [x.astype(np.float32) / 255],
+             [Image.fromarray(x).convert("P")], [torch.from_numpy(x).permute(2, 0, 1)],
+             [Image.fromarray(x[..., 0])]]
+    for form in forms:
+        images = check_images(form)
+        expected = (images[0].permute(1, 2, 0).numpy() * np.float32(255)).round()
+        with images.pixels(0) as px:
+            assert px.shape == images.sizes()[0]
+            got = np.concatenate([px.rgb8(y, min(px.shape[0], y + 5))
+                                  for y in range(0, px.shape[0], 5)])
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, expected.astype(np.uint8))
+
+
+def test_uint8_pixels_survive_the_float_round_trip():
+    """rgb8 of uint8 pixels is the pixels themselves: x / 255 * 255, rounded, is x."""
+    x = np.arange(256, dtype=np.uint8)
+    t = torch.from_numpy(x).to(torch.float32).div_(255.0)
+    np.testing.assert_array_equal((t.numpy() * np.float32(255)).round().astype(np.uint8), x)
+
+
+def test_take_keeps_the_names_and_the_geometry(tmp_path):
+    from skpatchcore._geometry import Geometry
+
+    paths = [_png(tmp_path / f"{i}.png", 4, 4) for i in range(5)]
+    g = Geometry(8, "stretch")
+    part = check_images(paths).for_geometry(g).take(2, 4)
+    assert len(part) == 2 and part.name(1) == f"X[3] ({os.fspath(paths[3])!r})"
+    assert part._geometry is g

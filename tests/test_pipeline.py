@@ -275,3 +275,18 @@ def test_grid_search_in_two_processes_equals_one(defects):
     for key in ("split0_test_score", "split1_test_score"):
         np.testing.assert_array_equal(runs[0].cv_results_[key], runs[1].cv_results_[key])
     assert runs[0].best_estimator_[-1].offset_ == runs[1].best_estimator_[-1].offset_
+
+
+def test_huge_images_are_shrunk_the_same_way_in_python_and_in_predict(defects):
+    """An image far larger than the frame is shrunk before the resize (bounded memory);
+    score_samples, score_and_map and the CLI's streamed scoring see the same pixels."""
+    X, _, _ = defects
+    pipe = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0).fit(X[:16])
+    big = np.kron(X[20], np.ones((5, 5, 1), dtype=np.uint8))  # 320 px against a 64 px frame
+    small = X[21]
+    scores = pipe.score_samples([big, small])
+    streamed = np.concatenate([chunk[1] for chunk in pipe.iter_score_and_grids([big, small])])
+    np.testing.assert_array_equal(scores, streamed)
+    s2, maps = pipe.score_and_map([big, small])
+    np.testing.assert_array_equal(s2, scores)
+    assert maps[0].shape == (320, 320) and maps[1].shape == (64, 64)
