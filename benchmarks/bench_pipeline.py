@@ -190,14 +190,19 @@ def run(spec):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_arguments(parser):
+    """The image set and run options shared with bench_scoring.py."""
     parser.add_argument("--mtd", help="MVTec-layout folder with real photos (else synthetic)")
     parser.add_argument("--n-train", type=int, default=400)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser)
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--rows", default="reference,ours,plain Pipeline,ours @224",
                         help="comma-separated rows to run")

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 from bench_coreset import cpu_name, print_markdown_table
-from bench_pipeline import ReferencePatchCore, write_images
+from bench_pipeline import ReferencePatchCore, add_data_arguments, write_images
 
 
 def _timed(fn, repeat=1):
@@ -88,12 +88,7 @@ def breakdown(pipe, test):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mtd", help="MVTec-layout folder with real photos (else synthetic)")
-    parser.add_argument("--n-train", type=int, default=400)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--size", type=int, default=300)
-    parser.add_argument("--ratio", type=float, default=0.01)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    add_data_arguments(parser)
     parser.add_argument("--reference-backbone", default="efficientnet_lite0")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -141,15 +141,21 @@ def _describe(estimator, prefix, arrays):
     return description
 
 
-def _destination(path):
-    """The file ``save_model`` writes: ``path`` with '.npz' appended when missing; ValueError
-    for an empty path or a folder, before anything is written."""
+def _path_text(path, who, verb):
+    """``path`` as a non-empty str; ValueError naming ``who`` otherwise."""
     raw = os.fspath(path)
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
     if not raw:
-        raise ValueError("save_model: path is empty; give the model file to write, e.g. "
+        raise ValueError(f"{who}: path is empty; give the model file to {verb}, e.g. "
                          "'model.npz'.")
+    return raw
+
+
+def _destination(path):
+    """The file ``save_model`` writes: ``path`` with '.npz' appended when missing; ValueError
+    for an empty path or a folder, before anything is written."""
+    raw = _path_text(path, "save_model", "write")
     given = Path(raw)
     if raw.endswith(os.sep) or (os.altsep and raw.endswith(os.altsep)) or given.is_dir() \
             or given.name in ("", ".", ".."):
@@ -807,12 +813,7 @@ def _check_can_score(model, path):
 def _model_file(path):
     """The existing file ``load_model(path)`` reads: ``path``, or ``path`` + '.npz' as
     :func:`save_model` would have written it."""
-    raw = os.fspath(path)
-    if isinstance(raw, bytes):
-        raw = os.fsdecode(raw)
-    if not raw:
-        raise ValueError("load_model: path is empty; give the model file to read, e.g. "
-                         "'model.npz'.")
+    raw = _path_text(path, "load_model", "read")
     given = Path(raw)
     if given.is_file():
         return given
