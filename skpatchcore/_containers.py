@@ -322,11 +322,13 @@ class MemoryBank:
     Examples
     --------
     >>> import numpy as np
-    >>> from skpatchcore import CoresetSampler
-    >>> F = np.random.RandomState(0).rand(4, 8, 8, 16).astype(np.float32)
-    >>> bank = CoresetSampler(sampling_ratio=0.1, random_state=0).fit_transform(F)
+    >>> from skpatchcore import MemoryBank, PatchCoreDetector
+    >>> train = np.random.RandomState(0).rand(3, 2, 2, 4).astype(np.float32)
+    >>> bank = MemoryBank(train[:, 0, 0], sample_index=[0, 1, 2], training_features=train)
     >>> bank.shape, bank.training_features.shape
-    ((26, 16), (4, 8, 8, 16))
+    ((3, 4), (3, 2, 2, 4))
+    >>> PatchCoreDetector().fit(bank).memory_bank_.shape
+    (3, 4)
     """
 
     def __init__(self, rows, sample_index, training_features):

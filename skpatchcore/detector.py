@@ -245,10 +245,10 @@ class PatchCoreDetector(MemoryBankDetector):
         n = X.shape[0]
         patches = X.reshape(n, -1, d)
         per_sample = patches.shape[1]
-        k = 1 if self.n_neighbors == "auto" else self.n_neighbors
-        source = _repeated_cells(X)
-        unique = (np.arange(n * per_sample) if source is None
-                  else np.flatnonzero(source == np.arange(len(source))))
+        k = self._k(X)
+        _, unique = _distinct_cells(X)
+        if unique is None:
+            unique = np.arange(n * per_sample)
         rows = patches.reshape(-1, d)[unique]
         image = unique // per_sample
         q_groups = None if query_groups is None else np.asarray(query_groups)[image]
@@ -332,6 +332,12 @@ class PatchCoreDetector(MemoryBankDetector):
             cache["clusters"] = (centres, members, starts)
         return cache["clusters"]
 
+    def _k(self, X):
+        """Neighbours averaged into a patch score ('auto': 1 for grids, 20 for rows)."""
+        if self.n_neighbors == "auto":
+            return _TABULAR_NEIGHBORS if X.ndim == 2 else 1
+        return self.n_neighbors
+
     def _search(self, X, query_groups=None, bank_groups=None, reweight=True):
         """Image anomaly scores s (n,) (None unless ``reweight``) and patch-distance grids
         (n, ...) for one chunk X; with query/bank groups, bank rows of the query's own
@@ -345,13 +351,10 @@ class PatchCoreDetector(MemoryBankDetector):
         if query_groups is None:
             bank_groups = None
         q_groups = None if query_groups is None else np.repeat(query_groups, per_sample)
-        k = self.n_neighbors
-        if k == "auto":
-            k = _TABULAR_NEIGHBORS if X.ndim == 2 else 1
+        k = self._k(X)
         # Cells that repeat the cell before them (FeatureExtractor's border) are searched once
-        source = _repeated_cells(X) if X.ndim == 4 else None
+        source, unique = _distinct_cells(X) if X.ndim == 4 else (None, None)
         if source is not None:
-            unique = np.flatnonzero(source == np.arange(len(source)))
             rows, q_unique = rows[unique], None if q_groups is None else q_groups[unique]
         else:
             q_unique = q_groups
@@ -395,6 +398,16 @@ class PatchCoreDetector(MemoryBankDetector):
         top = np.maximum(d.max(axis=1), s)
         denom = np.exp(d - top[:, None]).sum(axis=1)
         return np.where(finite, 1.0 - np.exp(s - top) / denom, 1.0)
+
+def _distinct_cells(X):
+    """For grids X: ``(source, unique)``, where ``source`` is :func:`_repeated_cells` and
+    ``unique`` the flat indices of the cells that repeat no earlier one; (None, None) when
+    no cell repeats."""
+    source = _repeated_cells(X)
+    if source is None:
+        return None, None
+    return source, np.flatnonzero(source == np.arange(len(source)))
+
 
 def _repeated_cells(X):
     """For grids X (n, h, w, d): the flat index (into ``X.reshape(-1, d)``) of the first

@@ -3,7 +3,8 @@
 The steps themselves make any scikit-learn ``Pipeline`` of features -> coreset -> detector
 fit in bounded memory (see :class:`PatchFeatures` and :class:`MemoryBank`); what this module
 adds is the one path from images to scores and maps at each image's own pixels
-(:meth:`PatchCorePipeline.score_and_map`), used by the CLI and by evaluate.
+(:meth:`PatchCorePipeline.score_and_map`, used by evaluate, and its chunked form
+:meth:`PatchCorePipeline.iter_score_and_grids`, used by the CLI's predict).
 """
 
 from __future__ import annotations
