@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from sklearn.utils.validation import validate_data
@@ -68,11 +66,10 @@ def validate_features(estimator, X, *, reset):
 def normal_mask(y, n, name="y"):
     """Boolean mask of the samples to fit on: everything except y == -1. None keeps all.
 
-    Labels follow IsolationForest's convention: +1 normal, -1 anomalous. Labels that mix -1
-    with anything but +1 are refused. Labels without any -1 that are not all +1 (0/1 labels,
-    class labels) cannot mean IsolationForest's convention: every sample is kept, with a
-    warning that says so (scikit-learn's estimator checks pass such labels to every
-    outlier detector's ``fit``, which, like IsolationForest's, must then ignore them).
+    Labels follow IsolationForest's convention: +1 normal, -1 anomalous (left out of the
+    fit). Any other label (0/1 labels, class labels) is refused: it cannot mean that
+    convention, and silently keeping every sample would fit on the defects a user meant to
+    exclude.
     """
     if y is None:
         return None
@@ -85,17 +82,12 @@ def normal_mask(y, n, name="y"):
     except TypeError:  # unorderable mixtures
         values = {repr(v) for v in y.tolist()}
     other = sorted(map(repr, values - {1, -1}))
-    if other and -1 in values:
-        raise ValueError(
-            f"{name} mixes -1 with labels {', '.join(other[:5])}; use +1 for normal and -1 "
-            "for anomalous samples (IsolationForest's convention).")
     if other:
-        warnings.warn(
-            f"{name} holds labels {', '.join(sorted(map(repr, values))[:5])} and no -1, so "
-            "every sample is kept as normal. Only -1 marks an anomalous sample (+1 normal); "
-            "for 0/1 labels with 1 = defect pass np.where(y == 1, -1, 1).",
-            UserWarning, stacklevel=3)
-        return None
+        raise ValueError(
+            f"{name} holds labels {', '.join(other[:5])}; fit takes y=None (every sample "
+            "normal) or IsolationForest's convention, +1 for normal and -1 for anomalous "
+            "samples (left out of the fit). For 0/1 labels with 1 = defect pass "
+            "np.where(y == 1, -1, 1).")
     keep = y != -1
     if not keep.any():
         raise ValueError(f"Every sample is labelled -1 (anomalous) in {name}; the memory bank "

@@ -18,6 +18,7 @@ from ._containers import PatchFeatures
 from ._geometry import Geometry
 from ._images import check_images
 from ._utils import progress, resolve_device
+from ._validation import normal_mask
 from .backbones import available_backbones, file_sha256, get_backbone_spec, load_backbone
 
 __all__ = ["FeatureExtractor"]
@@ -398,15 +399,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ----------
         X : images
             Training images, in any form :meth:`transform` accepts.
-        y : ignored
-            Labels are applied by the next step.
+        y : array-like of shape (n_images,) or None
+            Labels are applied by the next step; they are only checked here (+1 normal,
+            -1 anomalous, nothing else), so that wrong labels fail before extraction.
 
         Returns
         -------
         F : PatchFeatures of shape (n_images, h, w, d), float32
         """
-        self.fit(X)
         images = check_images(X)
+        normal_mask(y, len(images))
+        self.fit(X)
         features = PatchFeatures(tuple(self.grid_shape_) + (self.feature_dim_,),
                                  max_memory_mb=self.feature_memory_mb)
         for _, grids in self._iter_batches(images):

@@ -99,13 +99,12 @@ def test_labels_follow_isolation_forest(detector, grid_data):
     a = clone(detector).fit(train, y)
     b = clone(detector).fit(train[3:])
     np.testing.assert_array_equal(a.score_samples(test), b.score_samples(test))
-    with pytest.raises(ValueError, match="mixes -1 with labels 0"):
-        clone(detector).fit(train, np.where(y == -1, -1, 0))
-    # 0/1 labels cannot be IsolationForest's: every sample is kept, and the user is told
-    with pytest.warns(UserWarning, match="no -1, so every sample is kept"):
-        c = clone(detector).fit(train, (y == -1).astype(int))
-    np.testing.assert_array_equal(c.score_samples(test), clone(detector).fit(
-        train).score_samples(test))
+    # anything but +1/-1 is refused with the convention stated, before any work
+    for bad in (np.where(y == -1, -1, 0), (y == -1).astype(int), np.full(len(y), 2)):
+        with pytest.raises(ValueError, match=r"holds labels .*\+1 for normal and -1"):
+            clone(detector).fit(train, bad)
+    with pytest.raises(ValueError, match="1-D with one label per sample"):
+        clone(detector).fit(train, y[:-1])
 
 
 def test_nan_never_says_good(detector, grid_data):

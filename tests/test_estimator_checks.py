@@ -5,10 +5,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skpatchcore import CoresetSampler, FeatureExtractor, PatchCoreDetector
 
-# scikit-learn's checks pass class labels to fit; the detectors keep every sample and
-# warn (see skpatchcore._validation.normal_mask)
-pytestmark = pytest.mark.filterwarnings("ignore:y holds labels:UserWarning")
-
 _SAMPLER_XFAIL = {
     "check_transformer_general": (
         "by design fit_transform returns the memory bank (a subset of rows) while transform "
@@ -35,5 +31,6 @@ def _expected_failures(estimator):
     ],
     expected_failed_checks=_expected_failures,
 )
+@pytest.mark.usefixtures("sklearn_check_labels")  # the checks' 0/1/2 labels: see conftest
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)

@@ -20,10 +20,6 @@ from skpatchcore import (
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.padim import PaDiMDetector
 
-# scikit-learn's checks pass class labels to fit; the detectors keep every sample and
-# warn (see skpatchcore._validation.normal_mask)
-pytestmark = pytest.mark.filterwarnings("ignore:y holds labels:UserWarning")
-
 
 def _scipy_distances(train, test, reg):
     """Mahalanobis distance of every test patch to its position's Gaussian, with scipy."""
@@ -294,5 +290,6 @@ def _expected_failures(estimator):
     ],
     expected_failed_checks=_expected_failures,
 )
+@pytest.mark.usefixtures("sklearn_check_labels")  # the checks' 0/1/2 labels: see conftest
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)

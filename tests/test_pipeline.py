@@ -75,6 +75,14 @@ def test_y_keeps_anomalies_out_of_the_bank(defects):
     assert (y[bank_images] == 1).all()
 
 
+def test_wrong_labels_fail_before_any_feature_is_extracted(defects):
+    X, y, _ = defects
+    pipe = _pipe()
+    with pytest.raises(ValueError, match=r"holds labels 0; .*np.where\(y == 1, -1, 1\)"):
+        pipe.fit(X, (y == -1).astype(int))
+    assert not hasattr(pipe["features"], "grid_shape_")  # the network was never loaded
+
+
 def _two_mode_parts():
     """Normal parts in two looks (plain and inverted texture); defects are bright discs.
 

@@ -22,10 +22,6 @@ from skpatchcore import (
 from skpatchcore.metrics import image_auroc, pixel_auroc
 from skpatchcore.spade import SPADEDetector
 
-# scikit-learn's checks pass class labels to fit; the detectors keep every sample and
-# warn (see skpatchcore._validation.normal_mask)
-pytestmark = pytest.mark.filterwarnings("ignore:y holds labels:UserWarning")
-
 
 def _dists(A, B):
     A, B = A.astype(np.float64), B.astype(np.float64)
@@ -274,5 +270,6 @@ def test_coreset_pipeline_and_grid_search_on_features(defect_features):
         SPADEDetector(image_score="max", n_neighbors=3, contamination=0.1),
     ],
 )
+@pytest.mark.usefixtures("sklearn_check_labels")  # the checks' 0/1/2 labels: see conftest
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
