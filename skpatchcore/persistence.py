@@ -49,7 +49,8 @@ __all__ = ["load_model", "save_model"]
 
 FORMAT_VERSION = 1
 # class -> {parameter: value that reproduces models saved before it existed}
-_ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,), "precision": "float32"}}
+_ADDED_PARAMS = {"FeatureExtractor": {"border": 0, "scales": (1.0,), "precision": "float32",
+                                      "jit": False}}
 _ADDED_FITTED = {
     "FeatureExtractor": {"border_": 0, "scales_": (1.0,), "precision_": "float32"},
     # the tabular leave-one-out record: older files score rows without it

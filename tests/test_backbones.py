@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_sample_images
 
 from skpatchcore.backbones import (
+    CPUGraphs,
     available_backbones,
     build_network,
     get_backbone_spec,
@@ -127,3 +128,52 @@ def test_weights_from_file(tmp_path):
 def test_bad_layers():
     with pytest.raises(ValueError, match="not valid for backbone 'resnet18'.*layer2"):
         load_backbone("resnet18", layers=["blocks.2"], weights=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_graphs_equal_the_eager_network(dtype):
+    """The fused graph computes the eager network's features: in float32 to rounding; in
+    bfloat16 no farther from float32 than the eager network under bfloat16 autocast."""
+    net, _, _, _ = load_backbone("efficientnet_lite0")
+    x = torch.rand(3, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = [f.float() for f in net(x)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = [f.float() for f in net(x)]
+        fused = CPUGraphs(net)(x, dtype)
+    assert [f.shape for f in fused] == [f.shape for f in eager]
+    for a, b, c in zip(fused, eager, autocast, strict=True):
+        assert a.dtype == torch.float32
+        error = float((a - b).norm() / b.norm())
+        if dtype == torch.float32:
+            assert error < 1e-5
+        else:
+            assert 0 < error < 1.25 * float((c - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_graphs_answer_the_same_whatever_the_batch_or_call_order(dtype):
+    """TorchScript's first (profiling) call of a batch size rounds differently from the
+    fused graph; every answer must come from the fused graph."""
+    net, _, _, _ = load_backbone("efficientnet_lite0")
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    graphs = CPUGraphs(net)
+    first = graphs(x[:1], dtype)  # the very first call, of a new batch size
+    batch = graphs(x, dtype)
+    again = graphs(x[:1], dtype)
+    for a, b, c in zip(first, batch, again, strict=True):
+        assert torch.equal(a, c)
+        assert torch.equal(a[0], b[0])
+
+
+def test_cpu_graphs_fall_back_to_eager_with_a_warning():
+    class Untraceable(torch.nn.Module):
+        def forward(self, x):
+            if torch.jit.is_tracing():
+                raise RuntimeError("no tracing here")
+            return [x * 2]
+
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="runs eagerly instead.*jit=False"):
+        out = CPUGraphs(Untraceable())(x)
+    assert torch.equal(out[0], x * 2)

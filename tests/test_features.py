@@ -217,6 +217,20 @@ def test_bfloat16_network_changes_scores_within_a_bound(defects):
                                                                        scores["float32"])
 
 
+def test_jit_changes_features_only_by_rounding(defects):
+    """jit=True (fused CPU graphs) and jit=False (eager) give the same features: to float
+    rounding in float32, within bfloat16's own rounding in bfloat16; every batch alike."""
+    X, _, _ = defects
+    for precision, bound in (("float32", 1e-5), ("bfloat16", 0.02)):
+        feats = {jit: FeatureExtractor(image_size=64, precision=precision, jit=jit).fit()
+                 .transform(X[:5]) for jit in (False, True)}
+        rel = np.linalg.norm(feats[True] - feats[False]) / np.linalg.norm(feats[False])
+        assert rel < bound, (precision, rel)
+    fe = FeatureExtractor(image_size=64, precision="bfloat16", batch_size=2).fit()
+    np.testing.assert_array_equal(fe.transform(X[:5]), fe.transform(X[:5]))
+    np.testing.assert_array_equal(fe.transform(X[4:5])[0], fe.transform(X[:5])[4])
+
+
 def test_precision_auto_is_fixed_at_fit_and_saved(tmp_path):
     from skpatchcore import load_model, save_model
     from skpatchcore.features import _native_bfloat16

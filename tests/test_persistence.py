@@ -166,7 +166,8 @@ def test_files_from_before_the_border_parameter_keep_their_features(defects, tmp
     from skpatchcore.persistence import _META_KEY
 
     X, _, _ = defects
-    old = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0, border=0).fit(X[:8])
+    old = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0, border=0,
+                         jit=False).fit(X[:8])
     path = save_model(old, tmp_path / "old.npz")
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
@@ -174,11 +175,13 @@ def test_files_from_before_the_border_parameter_keep_their_features(defects, tmp
     features = meta["model"]["steps"][0][1]
     del features["params"]["border"], features["fitted"]["border_"]
     del features["params"]["scales"], features["fitted"]["scales_"]
+    del features["params"]["jit"]  # and before jit: the eager network it was scored with
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     np.savez(tmp_path / "legacy.npz", **arrays)
     loaded = load_model(tmp_path / "legacy.npz")
     assert loaded[0].border == 0 and loaded[0].border_ == 0
     assert tuple(loaded[0].scales) == (1.0,) and tuple(loaded[0].scales_) == (1.0,)
+    assert loaded[0].jit is False
     np.testing.assert_array_equal(loaded.score_samples(X[8:12]), old.score_samples(X[8:12]))
 
 
