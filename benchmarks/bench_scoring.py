@@ -57,10 +57,7 @@ def breakdown(pipe, test):
             batch = torch.stack([geometry.to_input(im) for im in decoded])
             stages["preprocess"] += time.perf_counter() - t
             t = time.perf_counter()
-            x = ((batch - fe._mean) / fe._std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16,
-                                enabled=fe.precision_ == "bfloat16"):
-                fmaps = [f.float() for f in fe._network(x)]
+            fmaps = fe._run_network((batch - fe._mean) / fe._std)
             stages["backbone"] += time.perf_counter() - t
             t = time.perf_counter()
             merged = []
@@ -108,7 +105,8 @@ def main(argv=None):
 
     n = len(test)
     print(f"python {' '.join(sys.argv)}")
-    print(f"network precision {ours[0].precision_}; "
+    print(f"network precision {ours[0].precision_}, jit {ours[0].jit}, batch_size "
+          f"{ours[0].batch_size}; "
           f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} "
           f"threads, load average {os.getloadavg()[0]:.1f}; {args.n_train} train / {n} test "
           f"images of {args.size}x{args.size} ({'MTD photos' if args.mtd else 'synthetic'}), "
