@@ -26,6 +26,7 @@ import functools
 import hashlib
 import importlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,15 +471,23 @@ def load_backbone(name, layers=None, weights="imagenet"):
     return TruncatedBackbone(spec.stages(net), layers).eval(), spec, layers, weights_path
 
 
+# oneDNN Graph fusion is a process-wide TorchScript switch: calls that need it hold this lock,
+# so that another thread cannot turn it off while a graph is profiled and fused (a graph
+# optimised without it would round differently).
+_FUSION_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _onednn_fusion():
-    """oneDNN Graph fusion on for the calls inside, as it was outside afterwards."""
-    before = torch.jit.onednn_fusion_enabled()
-    torch.jit.enable_onednn_fusion(True)
-    try:
-        yield
-    finally:
-        torch.jit.enable_onednn_fusion(before)
+    """oneDNN Graph fusion on for the calls inside (one thread at a time), as it was
+    outside afterwards."""
+    with _FUSION_LOCK:
+        before = torch.jit.onednn_fusion_enabled()
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            yield
+        finally:
+            torch.jit.enable_onednn_fusion(before)
 
 
 class CPUGraphs:
@@ -498,7 +507,9 @@ class CPUGraphs:
     made twice and only the second answer kept: every answer comes from the fused graph,
     the same whatever the batch size or call order (tested). If this PyTorch cannot
     trace or freeze the network (TorchScript is deprecated upstream), calls fall back to the
-    eager network with a RuntimeWarning, same results up to rounding.
+    eager network with a RuntimeWarning, same results up to rounding. oneDNN Graph fusion is
+    a process-wide TorchScript switch, so it is turned on only around these calls, which
+    run one thread at a time (each already uses every core torch is given).
 
     Parameters
     ----------
@@ -543,8 +554,8 @@ class CPUGraphs:
     def __call__(self, x, dtype=torch.float32):
         """Feature maps of ``x`` (n, 3, H, W) computed in ``dtype``, returned in float32."""
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        graph = self._graph(x)
         with torch.no_grad(), _onednn_fusion():
+            graph = self._graph(x)
             key = (tuple(x.shape), x.dtype)
             if key not in self._profiled:
                 graph(x)  # the profiling run

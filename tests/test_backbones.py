@@ -177,3 +177,21 @@ def test_cpu_graphs_fall_back_to_eager_with_a_warning():
     with pytest.warns(RuntimeWarning, match="runs eagerly instead.*jit=False"):
         out = CPUGraphs(Untraceable())(x)
     assert torch.equal(out[0], x * 2)
+
+
+def test_cpu_graphs_answer_the_same_from_several_threads():
+    """Fusion is a process-wide switch: concurrent callers must not see a graph optimised
+    without it (which would round differently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net, _, _, _ = load_backbone("efficientnet_lite0")
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    expected = CPUGraphs(net)(x, torch.bfloat16)
+    graphs = CPUGraphs(net)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda i: graphs(x[i : i + 1 + i % 2], torch.bfloat16),
+                                range(6)))
+    for i, out in enumerate(results):
+        for a, b in zip(out, expected, strict=True):
+            assert torch.equal(a, b[i : i + 1 + i % 2])
+    assert not torch.jit.onednn_fusion_enabled()  # the switch is back as it was
