@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._containers import MemoryBank, PatchFeatures
 from ._geometry import upsample_maps
-from ._utils import progress, resolve_device
+from ._utils import labels_from_decision, progress, resolve_device
 from ._validation import check_features, normal_mask, validate_features
 from .neighbors import make_index
 
@@ -89,10 +89,7 @@ class ThresholdMixin:
         -------
         labels : ndarray of shape (n,), int
         """
-        decision = self.decision_function(X)
-        labels = np.ones(decision.shape[0], dtype=int)
-        labels[~(decision >= 0)] = -1  # NaN never says "good"
-        return labels
+        return labels_from_decision(self.decision_function(X))  # NaN never says "good"
 
     def calibrate(self, X, fpr=0.01):
         """Set the operating threshold from held-out normal samples only.
@@ -241,7 +238,6 @@ class MemoryBankDetector(BaseDetector):
         (n, h, w, d), :class:`PatchFeatures` and 2-D rows become the full bank of their
         normal samples (y == -1 left out).
         """
-        name = type(self).__name__
         if isinstance(X, MemoryBank):
             bank = X
             validate_features(self, bank.training_features, reset=True)
@@ -257,15 +253,21 @@ class MemoryBankDetector(BaseDetector):
             per_sample = X.cells_per_sample
             rows = np.ascontiguousarray(np.asarray(X).reshape(-1, X.sample_shape[-1]))
             bank = MemoryBank(rows, np.repeat(np.arange(len(X)), per_sample), X)
-        n_train = len(bank.training_features)
+        tabular = bank.training_features.ndim == 2
+        self._begin_bank_fit(len(bank.training_features),
+                             np.asarray(bank.training_features) if tabular else None)
+        return bank
+
+    def _begin_bank_fit(self, n_train, training_rows=None):
+        """Check the number of normal training samples and record the tabular training rows
+        (``training_rows``: the 2-D rows in sample order; None for feature grids)."""
         if n_train < self._min_train_samples:
             raise ValueError(
-                f"{name} needs at least {self._min_train_samples} normal training samples "
-                f"(leave-one-out training scores set offset_), got n_samples={n_train}."
+                f"{type(self).__name__} needs at least {self._min_train_samples} normal "
+                f"training samples (leave-one-out training scores set offset_), got "
+                f"n_samples={n_train}."
             )
-        tabular = bank.training_features.ndim == 2
-        self._remember_training_rows(np.asarray(bank.training_features) if tabular else None)
-        return bank
+        self._remember_training_rows(training_rows)
 
     def _index(self, name, rows):
         """The search index over ``rows``, built once per fitted model (not pickled)."""
@@ -279,7 +281,7 @@ class MemoryBankDetector(BaseDetector):
         self.__dict__.pop("_indexes", None)
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: pickling keeps this object's indexes
         state.pop("_indexes", None)
         return state
 

@@ -1,12 +1,37 @@
-"""Small shared helpers: devices and progress bars."""
+"""Small shared helpers: devices, progress bars, labels from decisions (no torch import)."""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
+
+
+def labels_from_decision(decision):
+    """+1 where ``decision >= 0`` (inlier), -1 elsewhere, NaN included: nothing that is not
+    a number says "good". The one labelling rule of ``predict``, the CLI and the workers.
+
+    Parameters
+    ----------
+    decision : array-like of shape (n,)
+
+    Returns
+    -------
+    labels : ndarray of shape (n,), int
+
+    Examples
+    --------
+    >>> labels_from_decision([0.5, 0.0, -0.1, float("nan")]).tolist()
+    [1, 1, -1, -1]
+    """
+    decision = np.asarray(decision, dtype=np.float64)
+    labels = np.ones(decision.shape, dtype=int)
+    labels[~(decision >= 0)] = -1
+    return labels
 
 
 def resolve_device(device):
     """'auto' -> 'cuda' when available else 'cpu'; other strings are checked by torch."""
+    import torch  # here, so that progress bars need no torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

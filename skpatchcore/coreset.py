@@ -29,6 +29,28 @@ def _projection_matrix(d, dim, random_state, device):
     return (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
 
 
+def project_rows(rows, matrix, device):
+    """Feature rows (b, d) float32 -> their projection (b, d') as a tensor on ``device``
+    (the rows themselves when ``matrix`` is None). The one projection step, run where the
+    rows are (:class:`CoresetSampler`, and :mod:`skpatchcore.distributed` on the workers);
+    each block of rows is multiplied as one matrix product, so equal blocks give equal
+    bits. ValueError when a row holds NaN or infinity."""
+    if not np.isfinite(rows).all():
+        raise ValueError("F contains NaN or infinite values.")
+    chunk = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
+    return chunk if matrix is None else chunk @ matrix.to(device)
+
+
+def iter_projections(features, matrix, device):
+    """Yield the projected rows of ``features`` (:class:`PatchFeatures`) in order, one
+    chunk of at most 65536 rows (whole samples) at a time: what selection reads. A part of
+    a training set that starts at a multiple of the chunk's samples is projected in the
+    same blocks as the whole, so into the same bits (:mod:`skpatchcore.distributed`)."""
+    d = features.sample_shape[-1]
+    for _, grids in features.iter_chunks(_PROJECT_CHUNK):
+        yield project_rows(grids.reshape(-1, d), matrix, device)
+
+
 class CoresetSampler(TransformerMixin, BaseEstimator):
     """Greedy k-center coreset of training patch features; acts only while fitting.
 
@@ -160,40 +182,39 @@ class CoresetSampler(TransformerMixin, BaseEstimator):
         keep = normal_mask(y, len(F))
         source = F if keep is None else F.take(np.flatnonzero(keep))
         d = F.sample_shape[-1]
-
-        def rows():
-            for _, grids in source.iter_chunks(_PROJECT_CHUNK):
-                block = grids.reshape(-1, d)
-                if not np.isfinite(block).all():
-                    raise ValueError("F contains NaN or infinite values.")
-                yield block
-
-        selected = self._select_rows(rows(), len(source) * source.cells_per_sample, d)
+        rng, matrix = self._projection(d)
+        n_rows = len(source) * source.cells_per_sample
+        points = torch.empty((n_rows, d if matrix is None else matrix.shape[1]),
+                             dtype=torch.float32, device=resolve_device(self.device))
+        filled = 0
+        for chunk in iter_projections(source, matrix, points.device):
+            points[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        selected = self._select_points(points, rng)
+        del points
         per_sample = self._set_indices(selected, keep, F.sample_shape[:-1])
         return MemoryBank(source.take_rows(selected), selected // per_sample, source)
 
-    def _select_rows(self, row_batches, n_rows, d):
-        """Project the rows as they come, run greedy k-center, set coverage_radius_."""
+    def _projection(self, d):
+        """The seeded random state and the projection matrix (d, projection_dim) on the
+        selection device, or None when selection runs on the raw features. The rng has
+        drawn the projection's seed and goes on to draw the starting row
+        (:meth:`_select_points`), so the two calls must come in this order."""
+        rng = check_random_state(self.random_state)
+        if self.projection_dim is None or self.projection_dim >= d:
+            return rng, None
+        return rng, _projection_matrix(d, self.projection_dim, rng, resolve_device(self.device))
+
+    def _select_points(self, points, rng):
+        """Greedy k-center on the projected points (a tensor (n_rows, d')); sets
+        coverage_radius_ and returns the selected rows in selection order."""
+        n_rows = points.shape[0]
         if self.n_samples is not None:
             m = min(self.n_samples, n_rows)
         else:
             m = max(1, math.ceil(self.sampling_ratio * n_rows))
-        device = resolve_device(self.device)
-        rng = check_random_state(self.random_state)
-        project = self.projection_dim is not None and self.projection_dim < d
-        matrix = _projection_matrix(d, self.projection_dim, rng, device) if project else None
-        points = torch.empty((n_rows, self.projection_dim if project else d),
-                             dtype=torch.float32, device=device)
-        filled = 0
-        for rows in row_batches:
-            chunk = torch.from_numpy(rows).to(device)
-            points[filled : filled + len(chunk)] = chunk @ matrix if project else chunk
-            filled += len(chunk)
-        if filled != n_rows:
-            raise ValueError(f"Expected {n_rows} feature rows, received {filled}.")
         start = int(rng.randint(n_rows))
         selected, radius = greedy_kcenter(points, m, start_index=start, verbose=self.verbose)
-        del points
         self.coverage_radius_ = float(radius)
         return np.asarray(selected, dtype=np.int64)
 

@@ -168,16 +168,29 @@ class PatchCoreDetector(MemoryBankDetector):
         self : PatchCoreDetector
         """
         bank = self._bank_from(X, y)
-        self.memory_bank_ = np.ascontiguousarray(bank.rows, dtype=np.float32)
-        self.bank_sample_index_ = bank.sample_index
-        self._reset_indexes()
-        # leave-one-out: each training sample against the bank without its own rows
-        features = bank.training_features
-        anomaly = self._map_chunks(
-            lambda chunk, groups: self._scores(chunk, groups, bank.sample_index),
-            features, np.arange(len(features)), desc="train scores")
-        self.offset_ = contamination_offset(-anomaly, self.contamination, "PatchCoreDetector")
+        self._set_bank(bank.rows, bank.sample_index)
+        self._set_offset(self._loo_anomaly(bank.training_features))
         return self
+
+    def _set_bank(self, rows, sample_index):
+        """Store the memory bank: rows (m, d) and the training sample of each row."""
+        self.memory_bank_ = np.ascontiguousarray(rows, dtype=np.float32)
+        self.bank_sample_index_ = np.asarray(sample_index, dtype=np.int64)
+        self._reset_indexes()
+
+    def _loo_anomaly(self, features, first=0):
+        """Leave-one-out anomaly scores (n,) of training samples ``first`` to
+        ``first + n - 1`` (``features``: their grids), each against the bank without its
+        own rows. The training set may be scored in parts (the workers of
+        :mod:`skpatchcore.distributed` do): a part starting at a multiple of the search
+        chunk is searched in the same chunks as the whole."""
+        return self._map_chunks(
+            lambda chunk, groups: self._scores(chunk, groups, self.bank_sample_index_),
+            features, np.arange(first, first + len(features)), desc="train scores")
+
+    def _set_offset(self, anomaly):
+        """``offset_`` from the leave-one-out anomaly scores of every training sample."""
+        self.offset_ = contamination_offset(-anomaly, self.contamination, "PatchCoreDetector")
 
     # ----------------------------------------------------------------- scoring
     def score_samples(self, X):

@@ -323,7 +323,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------- persistence
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: pickling must not strip this object
         for key in ("_spec", "_device", "_mean", "_std", "_cpu_graphs"):
             state.pop(key, None)
         if self.__dict__.get("weights_sha256_") is not None:

@@ -43,6 +43,22 @@ def _as_one_array(maps):
     return maps
 
 
+def score_chunk_size(extractor):
+    """Images per chunk that keep network batches and search chunks whole: the smallest
+    common multiple of the fitted extractor's ``batch_size`` and the images per search chunk
+    (``SCORE_CHUNK_ROWS // (h * w)``); when that exceeds 256 images, the search chunk times
+    ``batch_size // chunk``, at least once. The default chunk of
+    :meth:`PatchCorePipeline.iter_score_and_grids`, and the part of the images each task of
+    :mod:`skpatchcore.distributed` handles."""
+    cells = int(np.prod(extractor.grid_shape_))
+    step = max(1, SCORE_CHUNK_ROWS // cells)
+    batch = int(extractor.batch_size)
+    chunk_size = math.lcm(step, batch)
+    if chunk_size > 256:
+        chunk_size = max(1, max(step, batch) // step) * step
+    return chunk_size
+
+
 class PatchCorePipeline(Pipeline):
     """:class:`~sklearn.pipeline.Pipeline` that also forwards ``score_and_map``,
     ``predict_map``, ``predict_mask`` and ``calibrate``, with maps on every input image's
@@ -133,12 +149,7 @@ class PatchCorePipeline(Pipeline):
         extractor = self._extractor()
         images = check_images(X).for_geometry(extractor._geometry)
         if chunk_size is None:
-            cells = int(np.prod(extractor.grid_shape_))
-            step = max(1, SCORE_CHUNK_ROWS // cells)
-            batch = int(extractor.batch_size)
-            chunk_size = math.lcm(step, batch)
-            if chunk_size > 256:
-                chunk_size = max(1, max(step, batch) // step) * step
+            chunk_size = score_chunk_size(extractor)
         for start in range(0, len(images), chunk_size):
             part = images.take(start, start + chunk_size)
             scores, grids = self._final_estimator.score_and_map(self._features(part))
