@@ -261,19 +261,41 @@ class Geometry:
     def to_input(self, image):
         """float (3, H, W) in [0, 1] -> the network input (3, h, w): resized into the frame
         (antialiased bilinear), centred on mid-grey when letterboxed, then cropped."""
-        top, left, nh, nw = frame_geometry(tuple(image.shape[1:]), self.frame,
-                                           self.resize_mode)
-        if tuple(image.shape[1:]) != (nh, nw):
+        src_hw = tuple(image.shape[1:])
+        top, left, nh, nw = frame_geometry(src_hw, self.frame, self.resize_mode)
+        if src_hw != (nh, nw):
             image = F.interpolate(image[None], size=(nh, nw), mode="bilinear",
                                   align_corners=False, antialias=True)[0]
+        return self.place(image, src_hw)
+
+    def place(self, resized, src_hw):
+        """The resized image (..., 3, nh, nw) of an image of ``src_hw`` -> the network input
+        (..., 3, h, w): centred on mid-grey in the frame when letterboxed, then cropped
+        (the steps of :meth:`to_input` after its resize; any leading batch axes)."""
+        top, left, nh, nw = frame_geometry(tuple(src_hw), self.frame, self.resize_mode)
+        H, W = self.frame
         if (nh, nw) != self.frame:
-            frame = torch.full((3,) + self.frame, LETTERBOX_FILL, dtype=image.dtype)
-            frame[:, top : top + nh, left : left + nw] = image
-            image = frame
+            resized = F.pad(resized, (left, W - left - nw, top, H - top - nh),
+                            value=LETTERBOX_FILL)
         if self.crop is not None:
             dy, dx = self.crop_offset()
-            image = image[:, dy : dy + self.crop[0], dx : dx + self.crop[1]]
-        return image
+            resized = resized[..., dy : dy + self.crop[0], dx : dx + self.crop[1]]
+        return resized
+
+    def resize_weights(self, src_hw):
+        """The resize of :meth:`to_input` as two matrices: ``(wy, wx)``, float32 of shapes
+        (nh, H) and (nw, W), such that the resized image is ``wy @ image @ wx.T`` (per
+        channel) up to float32 rounding. Each is the antialiased bilinear resize that
+        :meth:`to_input` applies, applied to the identity along one axis."""
+        H, W = (int(v) for v in src_hw)
+        _, _, nh, nw = frame_geometry((H, W), self.frame, self.resize_mode)
+
+        def resize(size, n):  # the identity (n, n), resized to ``size``
+            eye = torch.eye(n, dtype=torch.float32)[None, None]
+            return F.interpolate(eye, size=size, mode="bilinear", align_corners=False,
+                                 antialias=True)[0, 0]
+
+        return resize((nh, H), H).numpy(), resize((W, nw), W).T.contiguous().numpy()
 
     def image_region(self, amap, src_hw):
         """The part of a map over the network input (h, w) that covers an image of

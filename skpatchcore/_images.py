@@ -62,12 +62,12 @@ import contextlib
 import numbers
 import os
 import struct
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ACCEPTED_FORMS = (
     "a list of image file paths (str or Path) or a directory path, a list of PIL images, "
@@ -100,6 +100,19 @@ def _pil():
     from PIL import Image
 
     return Image
+
+
+class _NoTensor:
+    """Stands for ``torch.Tensor`` while torch is not imported: no object is an instance."""
+
+
+def _tensor_type():
+    """``torch.Tensor``, or :class:`_NoTensor` when torch is not imported (then no tensor
+    exists). torch is imported only to make tensors (:func:`_array_to_tensor`), so that
+    reading, checking and writing images works without it (``skpatchcore predict`` with an
+    ONNX model)."""
+    torch = sys.modules.get("torch")
+    return _NoTensor if torch is None else torch.Tensor
 
 
 # ------------------------------------------------------------------------------ size limit
@@ -398,7 +411,9 @@ def _check_image_shape(shape, is_torch, where):
 
 def _check_dtype(x, where):
     """Check the pixel dtype of a numpy array or torch tensor (before any conversion)."""
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, _tensor_type()):
+        import torch
+
         ok = x.dtype == torch.uint8 or x.is_floating_point() or (
             x.dtype == getattr(torch, "uint16", None)
         )
@@ -413,10 +428,12 @@ def _check_dtype(x, where):
 
 def _as_pixels(item, where):
     """One in-memory image (numpy channels last, torch channels first) -> numpy (H, W[, 3])."""
-    is_torch = isinstance(item, torch.Tensor)
+    is_torch = isinstance(item, _tensor_type())
     _check_image_shape(item.shape, is_torch, where)
     _check_dtype(item, where)
     if is_torch:
+        import torch
+
         if item.dtype == torch.bfloat16:  # numpy has no bfloat16
             item = item.float()
         arr = item.detach().cpu().numpy()
@@ -433,6 +450,8 @@ def _as_pixels(item, where):
 
 def _array_to_tensor(arr, where):
     """numpy pixels (H, W) or (H, W, 3) -> float32 tensor (3, H, W) in [0, 1]."""
+    import torch
+
     _check_image_shape(arr.shape, False, where)
     _check_dtype(arr, where)
     if not arr.dtype.isnative:
@@ -614,7 +633,7 @@ class ImageList:
                 return _array_to_tensor(_pil_pixels(item, where, orientation), where)
             return _array_to_tensor(_shrink(_PILRows(item, where, orientation), f, where),
                                     where)
-        if isinstance(item, torch.Tensor | np.ndarray):
+        if isinstance(item, _tensor_type() | np.ndarray):
             pixels = _as_pixels(item, where)
             f = 1 if geometry is None else geometry.reduction_factor(pixels.shape[:2])
             if f > 1:
@@ -641,7 +660,7 @@ class ImageList:
             return
         if isinstance(item, _pil().Image):
             yield _PILRows(item, where, _orientation(item))
-        elif isinstance(item, torch.Tensor | np.ndarray):
+        elif isinstance(item, _tensor_type() | np.ndarray):
             yield _ArrayRows(_as_pixels(item, where), where)
         else:
             raise _bad(f"{where}: unsupported item of type {type(item).__name__}.")
@@ -662,7 +681,7 @@ class ImageList:
                     sizes.append(_upright_size(img, _orientation(img)))
             elif isinstance(item, Image.Image):
                 sizes.append(_upright_size(item, _orientation(item)))
-            elif isinstance(item, torch.Tensor):
+            elif isinstance(item, _tensor_type()):
                 sizes.append(tuple(int(s) for s in item.shape[-2:]))
             else:
                 sizes.append(tuple(int(s) for s in np.shape(item)[:2]))
@@ -786,7 +805,7 @@ def _ambiguous_3d(X, is_torch):
 
 def _check_batch(X):
     """A numpy array (n, H, W, C) or torch tensor (n, C, H, W) -> ImageList of its images."""
-    is_torch = isinstance(X, torch.Tensor)
+    is_torch = isinstance(X, _tensor_type())
     kind = "torch tensor" if is_torch else "numpy array"
     shape = tuple(int(s) for s in X.shape)
     if X.ndim == 3:
@@ -809,6 +828,8 @@ def _check_batch(X):
     _check_image_shape(shape[1:], is_torch, "X[0]")
     _check_dtype(X, "X")
     if is_torch:
+        import torch
+
         if X.is_floating_point() and not torch.isfinite(X).all():
             bad = int(torch.nonzero(~torch.isfinite(X).flatten(1).all(1))[0, 0])
             raise _bad(f"X[{bad}]: image contains NaN or infinite values.")
@@ -861,7 +882,7 @@ def check_images(X):
             raise _bad(f"A numpy array X of dtype {X.dtype} must be 1-D (one path or image "
                        f"per entry), got shape {X.shape}.")
         return check_images(X.tolist() if X.dtype.kind == "U" else list(X))
-    if isinstance(X, np.ndarray | torch.Tensor):
+    if isinstance(X, np.ndarray | _tensor_type()):
         return _check_batch(X)
     if isinstance(X, list | tuple):
         if len(X) == 0:
@@ -880,8 +901,8 @@ def check_images(X):
             elif isinstance(item, Image.Image):
                 if item.width < 1 or item.height < 1:
                     raise _bad(f"{where}: PIL image of size {item.size} has no pixels.")
-            elif isinstance(item, np.ndarray | torch.Tensor):
-                _check_image_shape(item.shape, isinstance(item, torch.Tensor), where)
+            elif isinstance(item, np.ndarray | _tensor_type()):
+                _check_image_shape(item.shape, isinstance(item, _tensor_type()), where)
                 _check_dtype(item, where)
             else:
                 raise _bad(f"{where} has unsupported type {type(item).__name__}.")

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,9 @@ def _cmd_fit(args):
         except ValueError:
             raise ValueError(f"--fpr {args.fpr}: the target false-positive rate must lie "
                              "strictly between 0 and 1, e.g. --fpr 0.01.") from None
+    if args.scheduler and args.method != "patchcore":
+        raise ValueError(f"--scheduler fits --method patchcore only (got {args.method}); "
+                         "fit other methods on this machine.")
     path = _model_destination(args.output)
     pipe = make_anomaly_pipeline(args.method, **model_params(args),
                                  contamination=args.contamination, verbose=not args.quiet)
@@ -106,7 +110,13 @@ def _cmd_fit(args):
     for _, step in pipe.steps[1:]:
         step._validate_params()
     start = time.perf_counter()
-    pipe.fit(train)
+    if args.scheduler:  # the same model, fitted on the cluster's workers
+        from .distributed import connect, fit
+
+        with connect(args.scheduler) as client:
+            fit(pipe, train, client=client, verbose=not args.quiet)
+    else:
+        pipe.fit(train)
     seconds = time.perf_counter() - start
     if normal is not None:
         pipe.calibrate(normal, fpr=args.fpr)
@@ -173,21 +183,36 @@ def _publish(staging, out, overwrite):
     staging.rmdir()
 
 
-def _cmd_predict(args):
+def _load_for_predict(path):
+    """The model ``predict`` scores with: an :class:`~skpatchcore._onnx.OnnxModel` for an
+    '.onnx' file (onnxruntime, no torch), else the pipeline in a .npz model file."""
+    from ._onnx import OnnxModel, is_onnx_file
+
+    if is_onnx_file(path):
+        return OnnxModel(path)
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
 
-    out = _check_out_folder(args.out, args.overwrite)
-    if args.embed and args.no_report:
-        raise ValueError("--embed puts the overlays into report.html, which --no-report turns "
-                         "off; drop one of them.")
-    model = load_model(args.model, require_detector=True)
+    model = load_model(path, require_detector=True)
     if not isinstance(model, PatchCorePipeline):
-        raise ValueError(f"{args.model} holds a {type(model).__name__}, not a pipeline made by "
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a pipeline made by "
                          "'skpatchcore fit'")
     for _, step in model.steps:  # one progress bar per phase instead (_predict_into)
         if hasattr(step, "verbose"):
             step.verbose = False
+    return model
+
+
+def _cmd_predict(args):
+    out = _check_out_folder(args.out, args.overwrite)
+    if args.embed and args.no_report:
+        raise ValueError("--embed puts the overlays into report.html, which --no-report turns "
+                         "off; drop one of them.")
+    model = _load_for_predict(args.model)
+    if args.scheduler and not hasattr(model, "steps"):
+        raise ValueError(f"--scheduler scores .npz models on a Dask cluster; {args.model} is "
+                         "an exported ONNX model, which predict scores with onnxruntime on "
+                         "this machine: drop --scheduler, or pass the .npz model.")
     paths = _collect_images(args.inputs)
     # the run is written into a fresh folder beside --out and moved in when complete
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,10 +230,125 @@ def _cmd_predict(args):
     return 0
 
 
+_SCHEDULER_HELP = ("address of a Dask scheduler (tcp://host:8786): run the work on its "
+                   "workers, with the results of this machine (default: this machine)")
 #: Gaussian smoothing of predict's maps, in network-input pixels.
 _SIGMA = 4.0
 #: Values of each image's map kept for the overlays' shared colour scale.
 _SCALE_SAMPLE = 1024
+#: Frames per onnxruntime call in ``predict MODEL.onnx`` (batches of 8 were as fast as or
+#: faster than one frame per call in docs/benchmarks.md).
+_ONNX_BATCH = 8
+
+
+class _PipelineScores:
+    """Pass 1 of ``predict`` with a fitted pipeline: every image's score and patch grid,
+    images a chunk at a time -> features -> search
+    (:meth:`PatchCorePipeline.iter_score_and_grids`). Maps are made per image on demand:
+    at network-input resolution, then on the image's pixels a band of rows at a time."""
+
+    def __init__(self, model, images, quiet, chunks=None):
+        from ._utils import progress
+
+        self.description = model
+        self.offset = model[-1].offset_
+        self._geometry = model._extractor()._geometry
+        self._images = images
+        n = len(images)
+        self.scores = np.empty(n, dtype=np.float64)
+        self._grids = None
+        bar = progress(total=n, desc="scoring", unit="img", disable=quiet)
+        if chunks is None:  # else the same, from a cluster (_cluster_chunks)
+            chunks = model.iter_score_and_grids(images)
+        for first, chunk_scores, chunk_grids in chunks:
+            if self._grids is None:
+                self._grids = np.empty((n,) + chunk_grids.shape[1:], dtype=np.float32)
+            self.scores[first : first + len(chunk_scores)] = chunk_scores
+            self._grids[first : first + len(chunk_grids)] = chunk_grids
+            bar.update(len(chunk_scores))
+        bar.close()
+        self._sizes = None
+
+    def _input_map(self, i):  # image i's map over the network input, smoothed
+        from ._geometry import upsample_maps
+
+        if self._sizes is None:
+            self._sizes = self._images.sizes()
+        return upsample_maps(self._grids[i][None], self._geometry.input_size, _SIGMA)[0]
+
+    def scale_sample(self, i):
+        """Values of image i's map for the shared colour scale (before its resize to the
+        image's pixels)."""
+        from ._visualize import colour_scale_sample
+
+        amap = self._input_map(i)
+        return colour_scale_sample(self._geometry.image_region(amap, self._sizes[i]),
+                                   _SCALE_SAMPLE)
+
+    def map_rows(self, i):
+        """``rows(y0, y1)`` of image i's map on its own pixels (made band by band)."""
+        return self._geometry.image_rows(self._input_map(i), self._sizes[i]).rows
+
+
+def _cluster_chunks(model, paths, scheduler):
+    """``model.iter_score_and_grids(paths)`` on the Dask cluster at ``scheduler``: the same
+    scores and grids; the workers read the images."""
+    from .distributed import connect, iter_score_and_grids
+
+    with connect(scheduler) as client:
+        yield from iter_score_and_grids(model, paths, client=client)
+
+
+class _OnnxScores:
+    """Pass 1 of ``predict`` with an exported model (:class:`~skpatchcore._onnx.OnnxModel`,
+    no torch): scores from onnxruntime, ``_ONNX_BATCH`` frames per call. The graph's map at
+    frame resolution is kept only as a colour-scale sample; :meth:`map_rows` runs the graph
+    again for one image, so that memory does not grow with the number of images."""
+
+    def __init__(self, model, images, quiet, with_maps):
+        from ._onnx import read_frame
+        from ._utils import progress
+
+        self.description = model.description()
+        self.offset = model.offset_
+        self._model = model
+        self._images = images
+        H, W = model.frame_size
+        for i, size in enumerate(images.sizes()):  # before any image is decoded
+            if tuple(size) != (H, W):
+                raise ValueError(
+                    f"{images.name(i)} is {size[0]} x {size[1]} pixels (height x width), but "
+                    f"{model.path} was exported for {H} x {W} frames; export the model again "
+                    f"for this size (skpatchcore export MODEL.npz --frame-size {size[0]} "
+                    f"{size[1]}), or score with the .npz model.")
+        n = len(images)
+        self.scores = np.empty(n, dtype=np.float64)
+        self._samples = []
+        bar = progress(total=n, desc="scoring", unit="img", disable=quiet)
+        for first in range(0, n, _ONNX_BATCH):
+            frames = np.stack([read_frame(images, i)
+                               for i in range(first, min(n, first + _ONNX_BATCH))])
+            out = model.run(frames)
+            self.scores[first : first + len(frames)] = out["score"]
+            if with_maps:
+                self._samples += [self._sample(m) for m in out["anomaly_map"]]
+            bar.update(len(frames))
+        bar.close()
+
+    @staticmethod
+    def _sample(amap):
+        from ._visualize import colour_scale_sample
+
+        return colour_scale_sample(amap, _SCALE_SAMPLE)
+
+    def scale_sample(self, i):
+        return self._samples[i]
+
+    def map_rows(self, i):
+        from ._onnx import read_frame
+
+        amap = self._model.run(read_frame(self._images, i)[None])["anomaly_map"][0]
+        return lambda y0, y1: amap[y0:y1]
 
 
 def _predict_into(model, paths, out, args):
@@ -217,58 +357,47 @@ def _predict_into(model, paths, out, args):
 
     Two passes, in memory that does not grow with the number of images beyond a patch grid
     per image (and 4 KB of map values, for the colour scale): (1) images a chunk at a time
-    -> features -> scores and patch grids (:meth:`PatchCorePipeline.iter_score_and_grids`);
-    (2) with ``--no-images`` off, image by image: its map at network-input resolution, then
-    at full resolution a band of rows at a time, written into its mask and overlay as it
-    goes. No full-resolution map ever exists whole; the largest allocation is the decoded
-    image file (see docs/cli.md, "Memory")."""
-    from ._geometry import upsample_maps
+    -> scores (:class:`_PipelineScores`, or :class:`_OnnxScores` for an exported model);
+    (2) with ``--no-images`` off, image by image: its map, at full resolution a band of rows
+    at a time, written into its mask and overlay as it goes. No full-resolution map of the
+    library's ever exists whole; the largest allocation is the decoded image file (see
+    docs/cli.md, "Memory"), or, for an exported model, one image's map from the graph."""
     from ._images import check_images
-    from ._utils import progress
-    from ._visualize import colour_scale, colour_scale_sample, overlay_name, write_overlay
+    from ._onnx import OnnxModel
+    from ._utils import labels_from_decision, progress
+    from ._visualize import colour_scale, overlay_name, write_overlay
 
     start = time.perf_counter()
-    detector = model[-1]
-    geometry = model._extractor()._geometry
     images = check_images(paths)
     n = len(images)
-    scores = np.empty(n, dtype=np.float64)
-    grids = None
-    bar = progress(total=n, desc="scoring", unit="img", disable=args.quiet)
-    for first, chunk_scores, chunk_grids in model.iter_score_and_grids(images):
-        if grids is None:
-            grids = np.empty((n,) + chunk_grids.shape[1:], dtype=np.float32)
-        scores[first : first + len(chunk_scores)] = chunk_scores
-        grids[first : first + len(chunk_grids)] = chunk_grids
-        bar.update(len(chunk_scores))
-    bar.close()
-    decision = scores - detector.offset_
-    labels = np.where(decision < 0, -1, 1)
+    if isinstance(model, OnnxModel):
+        scored = _OnnxScores(model, images, args.quiet, with_maps=not args.no_images)
+    else:
+        chunks = _cluster_chunks(model, paths, args.scheduler) if args.scheduler else None
+        scored = _PipelineScores(model, images, args.quiet, chunks)
+    scores, offset = scored.scores, scored.offset
+    decision = scores - offset
+    labels = labels_from_decision(decision)  # NaN never says "good"
     with open(out / "scores.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "score", "decision", "label"])
         for p, s, d, lab in zip(paths, scores, decision, labels, strict=True):
             writer.writerow([str(p), f"{s:.6f}", f"{d:.6f}", int(lab)])
-    threshold = -detector.offset_ if args.threshold is None else args.threshold
+    threshold = -offset if args.threshold is None else args.threshold
     overlays = scale = None
     if not args.no_images:
-        sizes = images.sizes()
-
-        def input_map(i):  # image i's map over the network input, smoothed
-            return upsample_maps(grids[i][None], geometry.input_size, _SIGMA)[0]
-
-        # the shared colour scale, from every map before its resize to the image's pixels
-        scale = colour_scale(None, threshold, samples=[colour_scale_sample(
-            geometry.image_region(input_map(i), sizes[i]), _SCALE_SAMPLE) for i in range(n)])
+        # the shared colour scale, from a sample of every map
+        scale = colour_scale(None, threshold,
+                             samples=[scored.scale_sample(i) for i in range(n)])
         (out / "overlays").mkdir()
         (out / "masks").mkdir()
         overlays = []
         bar = progress(total=n, desc="overlays", unit="img", disable=args.quiet)
         for i, p in enumerate(paths):
-            full_map = geometry.image_rows(input_map(i), sizes[i])  # made band by band
+            map_rows = scored.map_rows(i)  # made band by band
             path = out / "overlays" / overlay_name(i, p.stem, -scores[i])
             with images.pixels(i) as px:
-                write_overlay(path, px.rgb8, full_map.rows, px.shape, vmin=scale[0],
+                write_overlay(path, px.rgb8, map_rows, px.shape, vmin=scale[0],
                               vmax=scale[1], threshold=threshold,
                               mask_path=out / "masks" / f"{i:04d}_{p.stem}_mask.png")
             overlays.append(path)
@@ -277,11 +406,42 @@ def _predict_into(model, paths, out, args):
     if not args.no_report:
         from ._report import predict_report
 
-        predict_report(out, model_file=Path(args.model).resolve(), pipe=model, paths=paths,
-                       scores=scores, overlays=overlays, seconds=time.perf_counter() - start,
+        predict_report(out, model_file=Path(args.model).resolve(), pipe=scored.description,
+                       paths=paths, scores=scores, overlays=overlays,
+                       seconds=time.perf_counter() - start,
                        pixel_threshold=None if args.threshold is None else threshold,
                        colour_scale=scale, embed=args.embed)
     return int((labels == -1).sum())
+
+
+def _cmd_export(args):
+    from ._onnx import is_onnx_file
+
+    if is_onnx_file(args.model):
+        raise ValueError(f"{args.model} is already an ONNX model; export the .npz model file "
+                         "written by 'skpatchcore fit'.")
+    if args.like is not None:
+        from ._images import check_images
+
+        frame = tuple(check_images([args.like]).sizes()[0])
+    else:
+        frame = tuple(args.frame_size)
+        if min(frame) < 1:
+            raise ValueError(f"--frame-size {frame[0]} {frame[1]}: give the frames' height and "
+                             "width in pixels, both positive.")
+    from .export import export_onnx
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UserWarning)
+        path = export_onnx(args.model, args.output, frame_size=frame, overwrite=args.overwrite)
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
+    _say(args, f"exported {args.model} for {frame[0]} x {frame[1]} frames (height x width) "
+               f"to {path} ({path.stat().st_size / 2**20:.1f} MiB) in "
+               f"{time.perf_counter() - start:.1f} s; score it with 'skpatchcore predict "
+               f"{path} IMAGES --out DIR' or onnxruntime (docs/deployment.md)")
+    return 0
 
 
 def _cmd_evaluate(args):
@@ -302,7 +462,10 @@ def _say(args, message):
         print(message)
 
 
-def _parser():
+def _parser(command=None):
+    """The argument parser; ``command`` (the first argument) leaves out the options of the
+    commands not run that need torch to be listed (fit's model options read their defaults
+    from FeatureExtractor), so that ``predict MODEL.onnx`` never imports torch."""
     parser = argparse.ArgumentParser(
         prog="skpatchcore",
         description="PatchCore anomaly detection: fit on good images, score new ones.",
@@ -314,7 +477,8 @@ def _parser():
     fit.add_argument("-o", "--output", required=True, help="model file to write (.npz)")
     from ._options import add_image_arguments, add_model_arguments
 
-    add_model_arguments(fit)
+    if command in (None, "fit"):
+        add_model_arguments(fit)
     add_image_arguments(fit)
     fit.add_argument("--contamination", type=_contamination, default="auto",
                      help="'auto' or the fraction of good training images to flag, in (0, 0.5]")
@@ -323,6 +487,7 @@ def _parser():
     fit.add_argument("--fpr", type=float, default=0.01,
                      help="target false-positive rate for --calibrate (default 0.01)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    fit.add_argument("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
     fit.set_defaults(func=_cmd_fit)
 
     pred = sub.add_parser("predict", help="score images with a fitted model")
@@ -340,12 +505,28 @@ def _parser():
                       help="replace the results of an earlier run in --out")
     add_image_arguments(pred)
     pred.add_argument("--quiet", action="store_true")
+    pred.add_argument("--scheduler", metavar="ADDRESS", help=_SCHEDULER_HELP)
     pred.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("evaluate", help="fit on ROOT/train/good and evaluate ROOT/test",
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_cmd_evaluate)
+
+    exp = sub.add_parser("export", help="export a fitted model to ONNX (one graph, for "
+                                        "onnxruntime in C++, C# or Python)")
+    exp.add_argument("model", help="model file written by 'skpatchcore fit' (.npz)")
+    exp.add_argument("-o", "--output", required=True, help="ONNX file to write (.onnx)")
+    size = exp.add_mutually_exclusive_group(required=True)
+    size.add_argument("--frame-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                      help="height and width of the camera frames the graph will take")
+    size.add_argument("--like", metavar="IMAGE",
+                      help="take the frame size from this image file")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an existing file at -o")
+    add_image_arguments(exp)
+    exp.add_argument("--quiet", action="store_true")
+    exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="the whole job on a built-in synthetic example")
     demo.add_argument("--out", default="demo_output", help="output folder")
@@ -357,11 +538,12 @@ def _parser():
 def main(argv=None):
     from ._options import apply_image_arguments
 
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     try:
         apply_image_arguments(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -394,3 +394,128 @@ def test_overlay_written_in_bands_equals_the_whole_overlay(tmp_path, monkeypatch
     visualize.write_mask(tmp_path / "m2.png", lambda a, b: amap[a:b], (31, 24), 0.6)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m2.png")),
                                   (amap > 0.6) * 255)
+
+
+# ------------------------------------------------------------------ export / ONNX predict
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    """A float32 model of the 'good' images (the library's numbers the graph must equal),
+    as .npz and as ONNX for their 64 x 64 frames."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from skpatchcore import make_patchcore, save_model
+
+    root = tmp_path_factory.mktemp("onnx")
+    pipe = make_patchcore(backbone="efficientnet_lite0", image_size=64, precision="float32",
+                          sampling_ratio=0.1, random_state=0)
+    pipe.fit(sorted((folders / "good").glob("*.png")))
+    npz = save_model(pipe, root / "model.npz")
+    onnx_path = root / "model.onnx"
+    assert main(["export", str(npz), "-o", str(onnx_path), "--like",
+                 str(folders / "new" / "n16.png"), "--quiet"]) == 0
+    return npz, onnx_path
+
+
+def test_predict_with_onnx_needs_no_torch_and_writes_the_same_results(folders, exported,
+                                                                      tmp_path):
+    import subprocess
+    import sys
+
+    npz, onnx_path = exported
+    assert main(["predict", str(npz), str(folders / "new"), "--out", str(tmp_path / "lib"),
+                 "--quiet"]) == 0
+    code = ("import sys; sys.modules['torch'] = None; from skpatchcore.cli import main; "
+            f"sys.exit(main(['predict', {str(onnx_path)!r}, {str(folders / 'new')!r}, "
+            f"'--out', {str(tmp_path / 'ort')!r}, '--quiet']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lib, ort = _rows(tmp_path / "lib" / "scores.csv"), _rows(tmp_path / "ort" / "scores.csv")
+    assert [r["path"] for r in ort] == [r["path"] for r in lib]
+    assert [r["label"] for r in ort] == [r["label"] for r in lib]
+    np.testing.assert_allclose([float(r["score"]) for r in ort],
+                               [float(r["score"]) for r in lib], rtol=1e-4)
+    for name in ("overlays", "masks"):
+        assert len(list((tmp_path / "ort" / name).glob("*.png"))) == 8
+    for a, b in zip(sorted((tmp_path / "lib" / "masks").glob("*.png")),
+                    sorted((tmp_path / "ort" / "masks").glob("*.png")), strict=True):
+        agree = np.asarray(Image.open(a)) == np.asarray(Image.open(b))
+        assert agree.mean() > 0.99  # the same maps, up to pixels at the threshold
+    assert "model.onnx" in (tmp_path / "ort" / "report.html").read_text()
+
+
+def test_export_and_onnx_predict_errors_exit_2(folders, exported, tmp_path, capsys):
+    npz, onnx_path = exported
+    assert main(["export", str(npz), "-o", str(onnx_path), "--frame-size", "64", "64"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(onnx_path), "-o", str(tmp_path / "x.onnx"),
+                 "--frame-size", "64", "64"]) == 2
+    assert "already an ONNX model" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(odd / "small.png")
+    assert main(["predict", str(onnx_path), str(odd), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "small.png" in err and "40 x 50" in err and "--frame-size 40 50" in err
+    assert not (tmp_path / "o").exists()
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello")
+    assert main(["predict", str(text), str(odd), "--out", str(tmp_path / "o")]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    assert main(["predict", str(onnx_path), str(folders / "new"), "--out",
+                 str(tmp_path / "o"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "onnxruntime on this machine: drop --scheduler" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _closed_port_address():
+    import socket
+
+    with socket.socket() as s:  # nothing listens on it once closed
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_scheduler_option_fits_and_predicts_as_this_machine(folders, model, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tcp", host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        path = tmp_path / "m.npz"
+        assert main(["fit", str(folders / "good"), "-o", str(path), "--image-size", "64",
+                     "--coreset-ratio", "0.1", "--quiet", "--scheduler", address]) == 0
+        remote, local = load_model(path), load_model(model)
+        assert np.array_equal(remote[-1].memory_bank_, local[-1].memory_bank_)
+        assert np.array_equal(remote[-1].bank_sample_index_, local[-1].bank_sample_index_)
+        assert remote[-1].offset_ == local[-1].offset_
+        outs = {}
+        for name, extra in (("here", []), ("cluster", ["--scheduler", address])):
+            outs[name] = tmp_path / name
+            assert main(["predict", str(model), str(folders / "new"), "--out", str(outs[name]),
+                         "--quiet", "--no-report", *extra]) == 0
+    assert (outs["here"] / "scores.csv").read_text() == (
+        outs["cluster"] / "scores.csv").read_text()
+    for kind in ("overlays", "masks"):
+        here = sorted((outs["here"] / kind).iterdir())
+        cluster = sorted((outs["cluster"] / kind).iterdir())
+        assert [p.name for p in here] == [p.name for p in cluster] and len(here) == 8
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(here, cluster, strict=True))
+
+
+def test_an_unreachable_scheduler_exits_2_naming_it(folders, model, tmp_path, capsys):
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
+    address = _closed_port_address()
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(["fit", str(folders / "good"), "-o", str(tmp_path / "m.npz"),
+                     "--image-size", "64", "--quiet", "--scheduler", address]) == 2
+        assert f"Could not reach a Dask scheduler at '{address}'" in capsys.readouterr().err
+        assert not (tmp_path / "m.npz").exists()
+        assert main(["predict", str(model), str(folders / "new"), "--out",
+                     str(tmp_path / "o"), "--quiet", "--scheduler", address]) == 2
+        assert f"Could not reach a Dask scheduler at '{address}'" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    assert main(["fit", str(folders / "good"), "-o", str(tmp_path / "m.npz"), "--method",
+                 "spade", "--scheduler", address]) == 2
+    assert "--scheduler fits --method patchcore only" in capsys.readouterr().err
