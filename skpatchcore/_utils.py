@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
+
+
+def check_writable(folder, who):
+    """Create ``folder`` if needed and check a file can be written in it, before any work;
+    ValueError naming ``who`` (the option or function) and the folder otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{who}: cannot write in {str(folder)!r} ({exc.strerror or exc}); "
+                         "choose a writable folder.") from None
 
 
 def labels_from_decision(decision):

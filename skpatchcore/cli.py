@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._utils import check_writable
+
 __all__ = ["main"]
 
 
@@ -59,13 +61,7 @@ def _model_destination(output):
     if path.is_dir() or Path(output).is_dir():
         raise ValueError(f"-o {output}: {str(path)!r} is a folder; give a file name such as "
                          f"{str(Path(output) / 'model.npz')!r}.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise ValueError(f"-o {output}: cannot write in {str(path.parent)!r} "
-                         f"({exc.strerror or exc}); choose a writable folder.") from None
+    check_writable(path.parent, f"-o {output}")
     return path
 
 

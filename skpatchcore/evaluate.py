@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ._options import (
     apply_image_arguments,
     model_params,
 )
+from ._utils import check_writable
 from .datasets import load_masks, load_mvtec
 from .metrics import aupro, image_auroc, pixel_auroc
 from .pipeline import make_anomaly_pipeline
@@ -88,7 +88,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     check_sigma(sigma)  # everything is checked before the fit, not after it
     began = time.perf_counter()
     if report is not None:
-        _check_writable("report", Path(report))
+        check_writable(Path(report), "report")
     try:
         data = load_mvtec(root, category, allow_missing_masks=skip_missing_masks)
     except FileNotFoundError as exc:
@@ -174,17 +174,6 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     return (results, pipe) if return_model else results
 
 
-def _check_writable(option, folder):
-    """ValueError before any work when ``folder`` cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{option}: cannot write in {str(folder)!r} ({exc.strerror or exc}); "
-                         "choose a writable folder.") from None
-
-
 def _parse(argv):
     parser = argparse.ArgumentParser(
         prog="python -m skpatchcore.evaluate",
@@ -219,8 +208,8 @@ def main(argv=None):
         for option, where in (("--json", args.json), ("--save-maps", args.save_maps),
                               ("--report", args.report)):
             if where is not None:
-                _check_writable(option, Path(where).parent if option == "--json"
-                                else Path(where))
+                check_writable(Path(where).parent if option == "--json" else Path(where),
+                               option)
         results = evaluate(
             args.root, method=args.method, category=args.category, save_maps=args.save_maps,
             sigma=args.sigma, skip_missing_masks=args.skip_missing_masks,

@@ -17,7 +17,6 @@ import copy
 import hashlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from ._geometry import as_hw, check_sigma, frame_geometry
 from ._onnx import GRAPH_FORMAT_VERSION, INPUT_CONVENTION, INPUT_NAME, META_PREFIX, OUTPUT_NAMES
+from ._utils import check_writable
 from ._version import __version__
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor
@@ -97,13 +97,7 @@ def _destination(path, overwrite):
         raise FileExistsError(
             f"export_onnx: {str(dest)!r} already exists; choose another name, or pass "
             "overwrite=True (--overwrite) to replace it.")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=dest.parent):
-            pass
-    except OSError as exc:
-        raise OSError(f"export_onnx: cannot write in {str(dest.parent)!r} "
-                      f"({exc.strerror or exc}); choose a writable folder.") from None
+    check_writable(dest.parent, "export_onnx")
     return dest
 
 
