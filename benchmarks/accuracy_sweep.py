@@ -44,6 +44,10 @@ SETTINGS = {
     # far the metrics move when nothing but the coreset's random choices change
     "seed1": {"random_state": 1},
     "seed2": {"random_state": 2},
+    # a larger coreset over the same three seeds (is the gain larger than the seed noise?)
+    "ratio025": {"sampling_ratio": 0.025},
+    "ratio025_seed1": {"sampling_ratio": 0.025, "random_state": 1},
+    "ratio025_seed2": {"sampling_ratio": 0.025, "random_state": 2},
     # layers
     "layers234": {"layers": ["blocks.2", "blocks.3", "blocks.4"]},
     "layers34": {"layers": ["blocks.3", "blocks.4"]},
