@@ -210,6 +210,32 @@ def test_predict_never_mixes_runs(folders, model, tmp_path, capsys):
     assert "a file of that name exists" in capsys.readouterr().err
 
 
+def test_a_concurrent_run_into_the_same_folder_loses_nothing(folders, model, tmp_path,
+                                                            monkeypatch, capsys):
+    """Two predicts into one empty --out at once: the one that finishes second finds the
+    folder filled, writes nothing into it and says where its own results are."""
+    from skpatchcore import cli
+
+    out = tmp_path / "out"
+    real = cli._predict_into
+
+    def other_run_finishes_first(model_, paths, staging, args):
+        n_bad = real(model_, paths, staging, args)
+        out.mkdir(exist_ok=True)
+        (out / "scores.csv").write_text("path,score,decision,label\nother,1,1,1\n")
+        return n_bad
+
+    monkeypatch.setattr(cli, "_predict_into", other_run_finishes_first)
+    args = ["predict", str(model), str(folders / "new"), "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "was filled by something else during this run; the results are in" in err
+    assert (out / "scores.csv").read_text().endswith("other,1,1,1\n")  # theirs, untouched
+    staging = Path(err.split("the results are in ")[1].strip().rstrip(".").strip("'"))
+    rows = list(csv.DictReader(open(staging / "scores.csv")))
+    assert len(rows) == 8 and len(list((staging / "overlays").iterdir())) == 8  # ours, kept
+
+
 def test_evaluate_refuses_missing_masks_before_fitting(tmp_path, capsys, no_feature_work):
     from skpatchcore._demo import write_demo_dataset
 
