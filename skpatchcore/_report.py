@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ._utils import labels_from_decision
 from ._version import __version__
 
 __all__ = ["ReportItem", "evaluation_report", "predict_report", "threshold_source",
@@ -347,7 +348,7 @@ def predict_report(folder, *, model_file, pipe, paths, scores, overlays, seconds
     detector = pipe[-1]
     anomaly = -np.asarray(scores, dtype=np.float64)
     threshold = -float(detector.offset_)
-    labels = np.where(anomaly > threshold, -1, 1)
+    labels = labels_from_decision(-anomaly - detector.offset_)  # as scores.csv: NaN -> -1
     items = [ReportItem(Path(p).name, str(p), float(s), int(lab),
                         None if overlays is None else Path(overlays[i]))
              for i, (p, s, lab) in enumerate(zip(paths, anomaly, labels, strict=True))]
@@ -398,8 +399,8 @@ def evaluation_report(folder, *, pipe, test_paths, types, scores, overlays, pixe
     types = np.asarray(types)
     is_anomalous = types != "good"
     threshold = -float(detector.offset_)
-    model_flags = anomaly > threshold
-    labels = np.where(model_flags, -1, 1)
+    labels = labels_from_decision(-anomaly - detector.offset_)  # as predict: NaN -> -1
+    model_flags = labels == -1
     items = [ReportItem(Path(p).name, str(p), float(s), int(lab),
                         None if overlays is None else Path(overlays[i]), str(t))
              for i, (p, s, lab, t) in enumerate(zip(test_paths, anomaly, labels, types,
