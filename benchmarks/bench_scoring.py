@@ -39,8 +39,6 @@ def _timed(fn, repeat=1):
 
 def breakdown(pipe, test):
     """Seconds per stage over ``test`` (paths), each stage timed on its own."""
-    import torch.nn.functional as F
-
     from skpatchcore._images import check_images
 
     fe, det = pipe[0], pipe[-1]
@@ -51,7 +49,8 @@ def breakdown(pipe, test):
     with torch.inference_mode():
         for start in range(0, len(images), fe.batch_size):
             t = time.perf_counter()
-            decoded = [images[i] for i in range(start, min(start + fe.batch_size, len(images)))]
+            decoded = [images.decode(i, geometry)
+                       for i in range(start, min(start + fe.batch_size, len(images)))]
             stages["decode"] += time.perf_counter() - t
             t = time.perf_counter()
             batch = torch.stack([geometry.to_input(im) for im in decoded])
@@ -60,15 +59,7 @@ def breakdown(pipe, test):
             fmaps = fe._run_network((batch - fe._mean) / fe._std)
             stages["backbone"] += time.perf_counter() - t
             t = time.perf_counter()
-            merged = []
-            for fmap in fmaps:
-                fmap = F.avg_pool2d(fmap, fe.patch_size, stride=1, padding=fe.patch_size // 2,
-                                    count_include_pad=False)
-                if tuple(fmap.shape[-2:]) != tuple(fe.grid_shape_):
-                    fmap = F.interpolate(fmap, size=fe.grid_shape_, mode="bilinear",
-                                         align_corners=False)
-                merged.append(fmap / math.sqrt(fmap.shape[1]))
-            g = torch.cat(merged, dim=1).permute(0, 2, 3, 1).float()
+            g = torch.cat(fe._aggregate(fmaps), dim=1).permute(0, 2, 3, 1)
             stages["aggregate"] += time.perf_counter() - t
             t = time.perf_counter()
             g = fe._replace_border(g, [tuple(im.shape[1:]) for im in decoded]).numpy()

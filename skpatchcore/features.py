@@ -132,9 +132,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ``sum(s**2)`` times as long.
     precision : {'auto', 'float32', 'bfloat16'}, default='auto'
         Arithmetic of the network. 'bfloat16' runs its convolutions in bfloat16 (oneDNN's
-        AMX or AVX-512 BF16 kernels on CPUs that have them), about 1.4x faster per image on
-        such a CPU; features then differ from float32 ones by about 2-4% relative
-        (docs/benchmarks.md measures the effect on accuracy). 'auto' picks bfloat16 on a CPU
+        AMX or AVX-512 BF16 kernels on CPUs that have them): the network runs 1.2-2.2x as
+        fast on such a CPU (``benchmarks/bench_backbone.py``); features then differ from
+        float32 ones by about 2-4% relative (docs/benchmarks.md measures the effect on
+        accuracy). 'auto' picks bfloat16 on a CPU
         with native bfloat16 support and float32 otherwise (including CUDA); the choice is
         fixed at fit (``precision_``) and kept by a saved model, so a model scores the same
         way wherever it is loaded. Patch aggregation, border handling and search are always
@@ -142,10 +143,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     jit : bool, default=True
         On the CPU, run the network as frozen TorchScript graphs fused by oneDNN Graph
         (convolution, bias, activation and residual addition in one kernel;
-        :class:`~skpatchcore.backbones.CPUGraphs`): about 2x faster in bfloat16 and 1.4x in
-        float32 on an AVX-512/AMX CPU. Features equal the eager network's up to float
-        rounding (1e-6 relative in float32). False runs the network eagerly, one PyTorch
-        operator at a time (and so does CUDA, always).
+        :class:`~skpatchcore.backbones.CPUGraphs`): about 2x faster in bfloat16 and 1.1-1.8x
+        in float32 on an AVX-512/AMX CPU (``benchmarks/bench_backbone.py``). Features equal
+        the eager network's up to float rounding (1e-6 relative in float32). False runs the
+        network eagerly, one PyTorch operator at a time (and so does CUDA, always).
     feature_memory_mb : float or None, default=128
         MiB of training features that :meth:`fit_transform` keeps in memory; beyond it they
         go to a temporary file (in ``TMPDIR``) and are read back a few images at a time by
@@ -154,8 +155,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     batch_size : int, default=4
         Images per forward pass. Activations dominate memory: on the CPU at 320 px each
         image in a batch costs about 30-45 MB (docs/benchmarks.md, "Whole pipeline"). On
-        the CPU, 4 images at 320 px keep the fused network's activations in cache: 6.3 ms
-        per image against 8.0 ms for 8 (bfloat16, 2 threads); on a GPU, larger batches pay.
+        the CPU, 4 images at 320 px keep the fused network's activations in cache: 6.9 ms
+        per image against 9.1 ms for 8 (bfloat16, 2 threads, ``benchmarks/bench_backbone.py``);
+        on a GPU, larger batches pay.
     device : str, default="auto"
         Torch device; "auto" uses CUDA when available, else the CPU. Output is always a numpy
         array in host memory.
@@ -516,19 +518,26 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _embed(self, batch):
         x = (batch - self._mean) / self._std
-        target = self.grid_shape_
-        p = self.patch_size
         merged = []
         for scale in self.scales_:
             xs = x if scale == 1.0 else F.interpolate(
                 x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
-            for fmap in self._run_network(xs):
-                if p > 1:
-                    fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
-                if tuple(fmap.shape[-2:]) != target:
-                    fmap = F.interpolate(fmap, size=target, mode="bilinear", align_corners=False)
-                merged.append(fmap / math.sqrt(fmap.shape[1]))
-        return torch.cat(merged, dim=1).permute(0, 2, 3, 1).float()
+            merged += self._aggregate(self._run_network(xs))
+        return torch.cat(merged, dim=1).permute(0, 2, 3, 1)
+
+    def _aggregate(self, fmaps):
+        """Locally aware patch features of one pass's feature maps (float32 (b, c, h', w')
+        each): averaged over ``patch_size`` neighbourhoods, resized to ``grid_shape_`` and
+        scaled by 1/sqrt(c) so that every layer weighs the same; a list, one per layer."""
+        p, target = self.patch_size, tuple(self.grid_shape_)
+        out = []
+        for fmap in fmaps:
+            if p > 1:
+                fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
+            if tuple(fmap.shape[-2:]) != target:
+                fmap = F.interpolate(fmap, size=target, mode="bilinear", align_corners=False)
+            out.append(fmap / math.sqrt(fmap.shape[1]))
+        return out
 
     # ----------------------------------------------------------- sklearn glue
     def set_output(self, *, transform=None):
