@@ -496,8 +496,8 @@ class CPUGraphs:
     oneDNN Graph fuses each convolution with its bias, activation and residual addition
     into one kernel and keeps activations in its own blocked layout between them, which
     eager PyTorch (one operator at a time) cannot: on an AVX-512/AMX CPU this runs the
-    EfficientNet-Lite backbones about 2x faster in bfloat16 and 1.4x faster in float32
-    (``benchmarks/bench_scoring.py``). Results equal the eager network's up to float
+    EfficientNet-Lite backbones about 2x faster in bfloat16 and 1.1-1.8x faster in float32
+    (``benchmarks/bench_backbone.py``). Results equal the eager network's up to float
     rounding (about 1e-6 relative in float32; in bfloat16 the rounding of a bfloat16 network,
     the same size as eager autocast's).
 

@@ -49,9 +49,9 @@ from ._utils import progress
 __all__ = ["AUTO_NNDESCENT_MIN_ROWS", "ExactIndex", "NNDescentIndex", "make_index"]
 
 # Elements of one (queries x bank) distance block; 2**22 float32 = 16 MiB. Blocks this
-# small stay in the CPU's caches between the matrix product and the top-k that reads it:
-# 21.6 ms per 1,600 queries against a 6,272-row bank, against 31.9 ms with 128 MiB blocks
-# (2 threads; the same results, which do not depend on the block).
+# small stay in the CPU's caches between the matrix product and the top-k that reads it
+# (benchmarks/bench_blocks.py: 26.0 against 34.9 ms per 1,600 queries with 128 MiB blocks,
+# 2 threads; the same results, which do not depend on the block).
 _BLOCK_ELEMENTS = 1 << 22
 # Extra candidates re-measured in float64, which absorbs float32 rounding in near-ties.
 _RERANK_EXTRA = 4
