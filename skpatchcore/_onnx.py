@@ -25,7 +25,7 @@ OUTPUT_NAMES = ("score", "decision", "label", "patch_map", "anomaly_map")
 META_PREFIX = "skpatchcore."
 #: Version of the graph's interface (input, outputs, metadata); raised when any changes.
 GRAPH_FORMAT_VERSION = "1"
-#: The input convention, as the graph's metadata states it ({H} and {W}: the frame size).
+#: The input convention, as the graph's metadata states it.
 INPUT_CONVENTION = (
     "image: uint8 (N, H, W, 3), RGB, channels last, 0..255, upright (EXIF orientation "
     "applied), (H, W) = the frame size the graph was exported for, any batch size N; "

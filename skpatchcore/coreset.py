@@ -12,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from ._base import SCORE_CHUNK_ROWS
 from ._containers import MemoryBank, PatchFeatures
 from ._kcenter import greedy_kcenter
 from ._utils import resolve_device
@@ -19,7 +20,9 @@ from ._validation import normal_mask, validate_features
 
 __all__ = ["CoresetSampler"]
 
-_PROJECT_CHUNK = 65536
+# Rows projected per block: the scoring chunk, so that a part of the training set that starts
+# at a multiple of the search chunk (skpatchcore.distributed) starts one here too.
+_PROJECT_CHUNK = SCORE_CHUNK_ROWS
 
 
 def _projection_matrix(d, dim, random_state, device):
@@ -29,26 +32,21 @@ def _projection_matrix(d, dim, random_state, device):
     return (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(device)
 
 
-def project_rows(rows, matrix, device):
-    """Feature rows (b, d) float32 -> their projection (b, d') as a tensor on ``device``
-    (the rows themselves when ``matrix`` is None). The one projection step, run where the
-    rows are (:class:`CoresetSampler`, and :mod:`skpatchcore.distributed` on the workers);
-    each block of rows is multiplied as one matrix product, so equal blocks give equal
-    bits. ValueError when a row holds NaN or infinity."""
-    if not np.isfinite(rows).all():
-        raise ValueError("F contains NaN or infinite values.")
-    chunk = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
-    return chunk if matrix is None else chunk @ matrix.to(device)
-
-
 def iter_projections(features, matrix, device):
-    """Yield the projected rows of ``features`` (:class:`PatchFeatures`) in order, one
-    chunk of at most 65536 rows (whole samples) at a time: what selection reads. A part of
-    a training set that starts at a multiple of the chunk's samples is projected in the
-    same blocks as the whole, so into the same bits (:mod:`skpatchcore.distributed`)."""
+    """Yield the projected rows of ``features`` (:class:`PatchFeatures`) in order, as
+    tensors on ``device`` (the rows themselves when ``matrix`` is None), one chunk of at
+    most ``SCORE_CHUNK_ROWS`` rows (whole samples) at a time: what selection reads, in
+    :class:`CoresetSampler` and on the workers of :mod:`skpatchcore.distributed`. Each chunk
+    is one matrix product, so a part of a training set that starts at a multiple of the
+    chunk's samples is projected into the same bits as the whole. ValueError when a row
+    holds NaN or infinity."""
     d = features.sample_shape[-1]
     for _, grids in features.iter_chunks(_PROJECT_CHUNK):
-        yield project_rows(grids.reshape(-1, d), matrix, device)
+        rows = grids.reshape(-1, d)
+        if not np.isfinite(rows).all():
+            raise ValueError("F contains NaN or infinite values.")
+        chunk = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
+        yield chunk if matrix is None else chunk @ matrix.to(device)
 
 
 class CoresetSampler(TransformerMixin, BaseEstimator):

@@ -241,8 +241,8 @@ class PatchCoreDetector(MemoryBankDetector):
 
         For feature grids with exact search, only the cells that can hold an image's
         largest patch distance are searched exactly. Every cell gets an upper bound on its
-        distance: the true distance to the nearest of a few bank rows proposed by a search
-        in a ``_BOUND_DIM``-dimensional PCA projection of the bank. Cells are then searched
+        distance (:meth:`_upper_bounds`: the true distance to its nearest rows within the
+        k-means cluster of the bank whose centre is nearest). Cells are then searched
         exactly from the largest bound down, until the largest exact distance found exceeds
         every remaining cell's bound. A remaining cell's distance is at most its bound, so
         it can neither be the maximum nor tie with it: the maximum, the cell that holds it
@@ -411,6 +411,7 @@ class PatchCoreDetector(MemoryBankDetector):
         top = np.maximum(d.max(axis=1), s)
         denom = np.exp(d - top[:, None]).sum(axis=1)
         return np.where(finite, 1.0 - np.exp(s - top) / denom, 1.0)
+
 
 def _distinct_cells(X):
     """For grids X: ``(source, unique)``, where ``source`` is :func:`_repeated_cells` and

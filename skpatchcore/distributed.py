@@ -47,7 +47,7 @@ A fit runs in four rounds; what travels is, per training image of ``h x w`` cell
 Memory on the client is that of the streamed one-machine fit: the projected rows
 (``n h w x 128`` float32), the bank and one float per image; never a full feature grid.
 The greedy step is exact and single-node: its time grows with (number of patches) x (bank
-size) and its memory with the number of patches (5.4 GB of projections for 8,000 images at
+size) and its memory with the number of patches (6.6 GB of projections for 8,000 images at
 320 px with the default 1,600 cells each), which is where the distributed fit stops scaling
 (docs/distributed.md).
 
@@ -263,8 +263,7 @@ def _score_part(token, blob, items, start):
     """Worker: scores (b,) and patch grids (b, h, w) of the images ``start`` ... ``start +
     len(items) - 1``, by the one-machine path in the one-machine chunks."""
     model = _load(token, blob)
-    chunk = score_chunk_size(model._extractor())
-    parts = list(model.iter_score_and_grids(_worker_images(items, start), chunk_size=chunk))
+    parts = list(model.iter_score_and_grids(_worker_images(items, start)))
     return (np.concatenate([scores for _, scores, _ in parts]),
             np.concatenate([grids for _, _, grids in parts]))
 

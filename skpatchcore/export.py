@@ -30,6 +30,7 @@ from ._geometry import as_hw, check_sigma, frame_geometry
 from ._onnx import GRAPH_FORMAT_VERSION, INPUT_CONVENTION, INPUT_NAME, META_PREFIX, OUTPUT_NAMES
 from ._utils import check_writable
 from ._version import __version__
+from .backbones import file_sha256
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor
 
@@ -99,14 +100,6 @@ def _destination(path, overwrite):
             "overwrite=True (--overwrite) to replace it.")
     check_writable(dest.parent, "export_onnx")
     return dest
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _map_matrices(extractor, grid_hw, frame_hw, sigma):
@@ -367,9 +360,11 @@ def export_onnx(model, path, *, frame_size, sigma=4.0, overwrite=False):
     those of the same model with ``precision_ = 'float32'``, which differ from the bfloat16
     ones by the network's rounding (about 2-4% of the features).
 
-    The file holds the network's weights and the memory bank, plus small tables:
-    about ``4 * (n_weights + m * d + m * b + (H + W) * (h + w))`` bytes for a bank of ``m``
-    rows of ``d`` features and ``b = n_reweight_neighbors`` (docs/deployment.md).
+    The file holds the network's float32 weights and the memory bank (``m`` rows of ``d``
+    features), plus small tables: the map matrices (``H * h + W * w`` floats), the int64
+    neighbour lists of the reweighting (``m * b``, ``b = n_reweight_neighbors``) and the
+    resize and border tables; :func:`graph_size_bytes` gives the exact formula
+    (docs/deployment.md).
 
     Examples
     --------
@@ -396,7 +391,7 @@ def export_onnx(model, path, *, frame_size, sigma=4.0, overwrite=False):
 
         source = Path(model)
         model = load_model(source, require_detector=True)
-        model_sha = _file_sha256(source if source.is_file() else
+        model_sha = file_sha256(source if source.is_file() else
                                  source.with_name(source.name + ".npz"))
     extractor, detector = _parts(model)
     if extractor.precision_ == "bfloat16":
@@ -461,8 +456,7 @@ def export_onnx(model, path, *, frame_size, sigma=4.0, overwrite=False):
             entry.key, entry.value = META_PREFIX + key, value
         proto.producer_name = "skpatchcore"
         proto.producer_version = __version__
-        proto.doc_string = ("skpatchcore PatchCore model. Input: " + INPUT_CONVENTION
-                            .format(H=H, W=W))
+        proto.doc_string = "skpatchcore PatchCore model. Input: " + INPUT_CONVENTION
         onnx.save(proto, str(tmp))
         tmp.replace(dest)
     except BaseException:
