@@ -539,7 +539,12 @@ def main(argv=None):
     try:
         apply_image_arguments(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
+    except ImportError as exc:
+        if "pip install" not in str(exc):  # not our "install this" message: a real bug
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
