@@ -13,16 +13,20 @@ from ._version import __version__
 # public name -> the module that defines it
 _PUBLIC = {
     "CoresetSampler": "coreset",
+    "DistillationDetector": "mkd",
     "FeatureExtractor": "features",
+    "FocusDistributionDetector": "fyd",
     "MemoryBank": "_containers",
     "PaDiMDetector": "padim",
     "PatchCoreDetector": "detector",
     "PatchCorePipeline": "pipeline",
     "PatchFeatures": "_containers",
     "SPADEDetector": "spade",
+    "StudentTeacherDetector": "students",
     "export_onnx": "export",
     "load_model": "persistence",
     "make_anomaly_pipeline": "pipeline",
+    "make_model": "methods",
     "make_patchcore": "pipeline",
     "save_model": "persistence",
     "set_max_image_pixels": "_images",
@@ -30,17 +34,21 @@ _PUBLIC = {
 
 __all__ = [
     "CoresetSampler",
+    "DistillationDetector",
     "FeatureExtractor",
+    "FocusDistributionDetector",
     "MemoryBank",
     "PaDiMDetector",
     "PatchCoreDetector",
     "PatchCorePipeline",
     "PatchFeatures",
     "SPADEDetector",
+    "StudentTeacherDetector",
     "__version__",
     "export_onnx",
     "load_model",
     "make_anomaly_pipeline",
+    "make_model",
     "make_patchcore",
     "save_model",
     "set_max_image_pixels",
@@ -53,10 +61,14 @@ if TYPE_CHECKING:
     from .detector import PatchCoreDetector
     from .export import export_onnx
     from .features import FeatureExtractor
+    from .fyd import FocusDistributionDetector
+    from .methods import make_model
+    from .mkd import DistillationDetector
     from .padim import PaDiMDetector
     from .persistence import load_model, save_model
     from .pipeline import PatchCorePipeline, make_anomaly_pipeline, make_patchcore
     from .spade import SPADEDetector
+    from .students import StudentTeacherDetector
 
 
 def __getattr__(name):

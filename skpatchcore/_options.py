@@ -20,38 +20,75 @@ def _border(text):
 
 def add_model_arguments(parser):
     """The model options shared by ``fit`` and ``evaluate``: the method, the feature
-    extractor's options (defaults read from :class:`FeatureExtractor`), the coreset ratio,
-    the random state and the device."""
+    extractor's options, the coreset ratio, the training options of the trained methods, the
+    random state and the device. Options left out take the method's own defaults (shown in
+    the help for PatchCore)."""
     from .features import FeatureExtractor
+    from .methods import METHODS
 
     defaults = FeatureExtractor().get_params()
-    parser.add_argument("--method", choices=["patchcore", "spade", "padim"], default="patchcore")
-    parser.add_argument("--backbone", default=defaults["backbone"])
-    parser.add_argument("--image-size", type=int, default=defaults["image_size"])
+    parser.add_argument("--method", choices=list(METHODS), default="patchcore",
+                        help="patchcore (default), spade, padim: on frozen features; students "
+                             "(Uninformed Students), mkd (Multiresolution Knowledge "
+                             "Distillation), fyd (Focus Your Distribution): trained on the good "
+                             "images (docs/estimators.md)")
+    parser.add_argument("--backbone", help=f"feature methods (default {defaults['backbone']})")
+    parser.add_argument("--image-size", type=int,
+                        help=f"network frame in pixels (default {defaults['image_size']}; the "
+                             "trained methods have their own)")
     parser.add_argument("--resize-mode", choices=["letterbox", "stretch"],
-                        default=defaults["resize_mode"])
-    parser.add_argument("--patch-size", type=int, default=defaults["patch_size"])
-    parser.add_argument("--scales", type=float, nargs="+", default=list(defaults["scales"]),
-                        help="image pyramid, e.g. 1 0.75 0.5 (default: one scale)")
-    parser.add_argument("--border", type=_border, default=defaults["border"],
-                        help="edge cell rings given inner features ('auto' or an integer)")
+                        help=f"default {defaults['resize_mode']}")
+    parser.add_argument("--patch-size", type=int,
+                        help=f"feature methods (default {defaults['patch_size']})")
+    parser.add_argument("--scales", type=float, nargs="+",
+                        help="feature methods: image pyramid, e.g. 1 0.75 0.5 (default: one "
+                             "scale)")
+    parser.add_argument("--border", type=_border,
+                        help="feature methods: edge cell rings given inner features ('auto' or "
+                             f"an integer; default {defaults['border']!r})")
     parser.add_argument("--sampling-ratio", "--coreset-ratio", dest="sampling_ratio",
-                        type=float, default=0.01,
-                        help="fraction of training patches kept in the memory bank (default "
-                             "0.01; ignored by padim)")
+                        type=float,
+                        help="patchcore and spade: fraction of training patches kept in the "
+                             f"memory bank (default {_SAMPLING_RATIO})")
+    parser.add_argument("--max-epochs", type=int, help="trained methods: epochs of training")
+    parser.add_argument("--learning-rate", type=float, help="trained methods: Adam's step size")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per network batch (for the trained methods, per training "
+                             "step)")
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--device", default="auto")
 
 
+#: ``--sampling-ratio`` when not given (patchcore and spade).
+_SAMPLING_RATIO = 0.01
+_FEATURE_OPTIONS = {"backbone": "--backbone", "patch_size": "--patch-size",
+                    "scales": "--scales", "border": "--border",
+                    "sampling_ratio": "--sampling-ratio"}
+_TRAINING_OPTIONS = {"max_epochs": "--max-epochs", "learning_rate": "--learning-rate"}
+
+
 def model_params(args):
-    """make_anomaly_pipeline parameters from the options of :func:`add_model_arguments`."""
-    params = {"backbone": args.backbone, "image_size": args.image_size,
-              "resize_mode": args.resize_mode, "patch_size": args.patch_size,
-              "border": args.border, "scales": tuple(args.scales),
-              "random_state": args.random_state, "device": args.device}
-    if args.method != "padim":  # PaDiM keeps every training grid: no coreset step
-        params["sampling_ratio"] = args.sampling_ratio
-    return params
+    """:func:`~skpatchcore.methods.make_model` parameters from the options of
+    :func:`add_model_arguments`; ValueError for an option the method does not take."""
+    from .methods import TRAINED_METHODS
+
+    trained = args.method in TRAINED_METHODS
+    given = {key: getattr(args, key) for key in
+             ("backbone", "image_size", "resize_mode", "patch_size", "scales", "border",
+              "sampling_ratio", "max_epochs", "learning_rate", "batch_size")
+             if getattr(args, key) is not None}
+    wrong = _FEATURE_OPTIONS if trained else _TRAINING_OPTIONS
+    if args.method == "padim":
+        wrong = {**wrong, "sampling_ratio": "--sampling-ratio"}
+    refused = [option for key, option in wrong.items() if key in given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} does not apply to --method {args.method}; "
+                         "drop it (see --help for which options each method takes).")
+    if "scales" in given:
+        given["scales"] = tuple(given["scales"])
+    if args.method in ("patchcore", "spade"):
+        given.setdefault("sampling_ratio", _SAMPLING_RATIO)
+    return {**given, "random_state": args.random_state, "device": args.device}
 
 
 def _max_pixels(text):

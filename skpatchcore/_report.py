@@ -31,14 +31,13 @@ import numpy as np
 
 from ._utils import labels_from_decision
 from ._version import __version__
+from .methods import METHOD_OF_CLASS, final_estimator
 
 __all__ = ["ReportItem", "evaluation_report", "predict_report", "threshold_source",
            "write_report"]
 
 #: Colours of the plots (Okabe-Ito: distinguishable with colour-blindness).
 _GOOD, _BAD, _LINE, _ALT = "#0072B2", "#D55E00", "#000000", "#009E73"
-_METHODS = {"PatchCoreDetector": "patchcore", "SPADEDetector": "spade",
-            "PaDiMDetector": "padim"}
 #: points of the PRO curve drawn (the AUPRO shown is computed exactly by metrics.aupro)
 _PRO_POINTS = 400
 
@@ -84,9 +83,14 @@ def threshold_source(detector):
 
 
 def _model_rows(pipe):
-    detector = pipe[-1]
+    detector = final_estimator(pipe)
     name = type(detector).__name__
-    rows = [("Method", f"{_METHODS.get(name, name)} ({name})")]
+    rows = [("Method", f"{METHOD_OF_CLASS.get(name, name)} ({name})")]
+    if hasattr(detector, "network_state") and hasattr(detector, "max_epochs"):
+        rows.append(("Training", f"image size {detector.image_size} ({detector.resize_mode}), "
+                                 f"{detector.n_epochs_} epochs on {detector.n_train_images_} "
+                                 f"good images, {detector.n_validation_images_} held out"))
+        return rows
     extractor = pipe[0]
     if hasattr(extractor, "backbone"):
         scales = ", ".join(f"{s:g}" for s in getattr(extractor, "scales", (1.0,)))
@@ -345,7 +349,7 @@ def predict_report(folder, *, model_file, pipe, paths, scores, overlays, seconds
                    pixel_threshold=None, colour_scale=None, embed=False):
     """``report.html`` of a ``predict`` run: ``scores`` are ``score_samples`` values (lower =
     more abnormal), ``overlays`` the written files in input order, or None."""
-    detector = pipe[-1]
+    detector = final_estimator(pipe)
     anomaly = -np.asarray(scores, dtype=np.float64)
     threshold = -float(detector.offset_)
     labels = labels_from_decision(-anomaly - detector.offset_)  # as scores.csv: NaN -> -1
@@ -394,7 +398,7 @@ def evaluation_report(folder, *, pipe, test_paths, types, scores, overlays, pixe
     """
     from sklearn.metrics import precision_recall_curve
 
-    detector = pipe[-1]
+    detector = final_estimator(pipe)
     anomaly = -np.asarray(scores, dtype=np.float64)
     types = np.asarray(types)
     is_anomalous = types != "good"

@@ -308,6 +308,14 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """Scores and maps a chunk of images at a time (memory does not grow with the number
         of images), as :meth:`PatchCorePipeline.iter_score_and_grids`.
 
+        Parameters
+        ----------
+        X : images
+        chunk_size : int or None, default=None
+            Images per chunk; None: ``4 * SCORE_BATCH`` (32), whose network batches are those
+            of :meth:`score_samples`, so the scores are equal. Other sizes can differ in the
+            last float32 bit (a network batch of another size rounds differently).
+
         Yields
         ------
         start : int

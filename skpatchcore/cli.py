@@ -85,7 +85,7 @@ def _save_or_keep(model, path, args):
 def _cmd_fit(args):
     from ._base import check_fpr
     from ._options import model_params
-    from .pipeline import make_anomaly_pipeline
+    from .methods import check_model, make_model
 
     # everything that can be wrong is found before the first image is read
     train = _collect_images(args.train_dir)
@@ -100,11 +100,9 @@ def _cmd_fit(args):
         raise ValueError(f"--scheduler fits --method patchcore only (got {args.method}); "
                          "fit other methods on this machine.")
     path = _model_destination(args.output)
-    pipe = make_anomaly_pipeline(args.method, **model_params(args),
-                                 contamination=args.contamination, verbose=not args.quiet)
-    pipe[0].fit()  # checks the feature options (network, sizes, patch, border) quickly
-    for _, step in pipe.steps[1:]:
-        step._validate_params()
+    pipe = make_model(args.method, **model_params(args), contamination=args.contamination,
+                      verbose=not args.quiet)
+    check_model(pipe)  # the options (network, sizes, patch, border...) before any image
     start = time.perf_counter()
     if args.scheduler:  # the same model, fitted on the cluster's workers
         from .distributed import connect, fit
@@ -186,12 +184,16 @@ def _load_for_predict(path):
 
     if is_onnx_file(path):
         return OnnxModel(path)
+    from ._trained import TrainedDetector
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
 
     model = load_model(path, require_detector=True)
+    if isinstance(model, TrainedDetector):
+        model.verbose = False  # one progress bar per phase instead (_predict_into)
+        return model
     if not isinstance(model, PatchCorePipeline):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a pipeline made by "
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a model made by "
                          "'skpatchcore fit'")
     for _, step in model.steps:  # one progress bar per phase instead (_predict_into)
         if hasattr(step, "verbose"):
@@ -206,6 +208,10 @@ def _cmd_predict(args):
                          "off; drop one of them.")
     model = _load_for_predict(args.model)
     if args.scheduler and not hasattr(model, "steps"):
+        if hasattr(model, "network_state"):
+            raise ValueError(f"--scheduler scores patchcore, spade and padim models on a Dask "
+                             f"cluster; {args.model} holds a {type(model).__name__}, which "
+                             "predict scores on this machine: drop --scheduler.")
         raise ValueError(f"--scheduler scores .npz models on a Dask cluster; {args.model} is "
                          "an exported ONNX model, which predict scores with onnxruntime on "
                          "this machine: drop --scheduler, or pass the .npz model.")
@@ -238,17 +244,18 @@ _ONNX_BATCH = 8
 
 
 class _PipelineScores:
-    """Pass 1 of ``predict`` with a fitted pipeline: every image's score and patch grid,
-    images a chunk at a time -> features -> search
-    (:meth:`PatchCorePipeline.iter_score_and_grids`). Maps are made per image on demand:
-    at network-input resolution, then on the image's pixels a band of rows at a time."""
+    """Pass 1 of ``predict`` with a fitted pipeline or trained detector: every image's
+    score and patch grid (or the method's own map), images a chunk at a time
+    (``iter_score_and_grids``). Maps are made per image on demand: at network-input
+    resolution, then on the image's pixels a band of rows at a time."""
 
     def __init__(self, model, images, quiet, chunks=None):
         from ._utils import progress
+        from .methods import final_estimator, map_geometry
 
         self.description = model
-        self.offset = model[-1].offset_
-        self._geometry = model._extractor()._geometry
+        self.offset = final_estimator(model).offset_
+        self._geometry = map_geometry(model)
         self._images = images
         n = len(images)
         self.scores = np.empty(n, dtype=np.float64)

@@ -29,8 +29,8 @@ from ._options import (
 )
 from ._utils import check_writable
 from .datasets import load_masks, load_mvtec
+from .methods import check_model, final_estimator, make_model
 from .metrics import aupro, image_auroc, pixel_auroc
-from .pipeline import make_anomaly_pipeline
 
 __all__ = ["evaluate", "main"]
 
@@ -49,8 +49,8 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     ----------
     root : str or Path
         MVTec-layout folder (see :func:`skpatchcore.datasets.load_mvtec`).
-    method : {'patchcore', 'spade', 'padim'}, default='patchcore'
-        See :func:`skpatchcore.make_anomaly_pipeline`.
+    method : {'patchcore', 'spade', 'padim', 'students', 'mkd', 'fyd'}, default='patchcore'
+        See :func:`skpatchcore.methods.make_model`.
     category : str, optional
         Sub-folder of ``root`` holding the layout.
     fpr_limit : float, default=0.3
@@ -106,8 +106,8 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
                 f"Defect type {str(t)!r} has no ground-truth mask in "
                 f"{str(data.root / 'ground_truth' / t)!r}; pixel metrics need them. Add the "
                 "masks (<image stem>_mask.png) or remove the type from test/.")
-    pipe = make_anomaly_pipeline(method, **params)
-    pipe[0].fit()  # checks the feature options before any image is read
+    pipe = make_model(method, **params)
+    check_model(pipe)  # the options before any image is read
     start = time.perf_counter()
     pipe.fit(data.train)
     fit_seconds = time.perf_counter() - start
@@ -135,7 +135,8 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "ms_per_image": 1000.0 * score_seconds / len(data.test),
         "peak_rss_mb": _peak_rss_mb(),
         "sigma": sigma,
-        "params": {k: v for k, v in pipe.get_params().items() if "__" in k},
+        "params": {k: v for k, v in pipe.get_params().items()
+                   if "__" in k or not hasattr(pipe, "steps")},
     }
     # each defect type against the good test images: that type's images and the good ones
     good = types == "good"
@@ -150,7 +151,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         pick = np.flatnonzero((good | (types == t)) & has_mask)
         results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
                                                         [maps[i] for i in pick])
-    threshold = -pipe[-1].offset_
+    threshold = -final_estimator(pipe).offset_
     if save_maps is not None or report is not None:
         from ._visualize import save_overlays
     overlays = None

@@ -54,6 +54,11 @@ def _onnx():
 
 def _parts(model):
     """(FeatureExtractor, PatchCoreDetector) of a fitted pipeline; ValueError otherwise."""
+    if hasattr(model, "network_state") and hasattr(model, "max_epochs"):
+        raise ValueError(
+            f"export_onnx supports PatchCoreDetector pipelines; {type(model).__name__} (a "
+            "trained method) cannot be exported yet: score it with the library ('skpatchcore "
+            "predict MODEL.npz').")
     if not isinstance(model, Pipeline):
         raise ValueError(
             f"export_onnx needs a fitted pipeline (FeatureExtractor -> ... -> "

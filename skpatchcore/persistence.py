@@ -69,15 +69,28 @@ _CHECK_PATH = f"Check the path, or {_SAVE_AGAIN}."
 
 
 def _classes():
+    """Every class a model file may name: name -> class, or None for a trained detector's,
+    whose module (:data:`~skpatchcore.methods.TRAINED_METHODS`) is imported only when a file
+    names it (:func:`_class`)."""
     from .coreset import CoresetSampler
     from .detector import PatchCoreDetector
     from .features import FeatureExtractor
+    from .methods import TRAINED_METHODS
     from .padim import PaDiMDetector
     from .pipeline import PatchCorePipeline
     from .spade import SPADEDetector
 
-    return {c.__name__: c for c in (FeatureExtractor, CoresetSampler, PatchCoreDetector,
-                                    SPADEDetector, PaDiMDetector, PatchCorePipeline, Pipeline)}
+    classes = {c.__name__: c for c in (FeatureExtractor, CoresetSampler, PatchCoreDetector,
+                                       SPADEDetector, PaDiMDetector, PatchCorePipeline,
+                                       Pipeline)}
+    return {**classes, **{name: None for _, name in TRAINED_METHODS.values()}}
+
+
+def _class(name):
+    """The class a model file names (one of :func:`_classes`)."""
+    from .methods import METHOD_OF_CLASS, trained_class
+
+    return _classes()[name] or trained_class(METHOD_OF_CLASS[name])
 
 
 # --------------------------------------------------------------------------------- saving
@@ -601,6 +614,33 @@ def _check_feature_extractor(f, stored):
                        "weights_sha256_; only models with random weights store them")
 
 
+def _check_trained(f, stored):
+    """What every :class:`~skpatchcore._trained.TrainedDetector` holds: the threshold, the
+    training record, the trained weights (network_state), the pretrained network's digest and
+    the method's own fitted arrays (``_fitted_arrays``)."""
+    f.number("offset_")
+    _check_calibration(f)
+    f.integer("n_train_images_")
+    f.integer("n_validation_images_")
+    epochs = f.integer("n_epochs_")
+    losses = f.get("train_loss_")
+    if not (isinstance(losses, list) and len(losses) == epochs and all(
+            isinstance(v, Real) and not isinstance(v, bool) for v in losses)):
+        f.fail("train_loss_", f"a list of {epochs} numbers (one per epoch)", losses)
+    sha = f.text("weights_sha256_", pattern=_is_sha256)
+    if (sha is None) != (f.est._pretrained is None):
+        f.fail("weights_sha256_", "the SHA-256 of the pretrained weights file"
+               if sha is None else "null (this method uses no pretrained network)", sha)
+    if "network_state" not in stored:
+        raise _Invalid(f"{f.label} is fitted but the file holds no trained weights "
+                       "(network_state)")
+    for key, (dtype, shape) in f.est._fitted_arrays().items():
+        kind = np.dtype(dtype).kind
+        f.array(key, "iu" if kind in "iu" else kind, tuple("n" if s is None else s
+                                                          for s in shape),
+                dtype, finite=kind == "f")
+
+
 _FITTED_CHECKS = {
     "PatchCoreDetector": _check_patchcore,
     "SPADEDetector": _check_spade,
@@ -635,7 +675,7 @@ def _rebuild(description, arrays, prefix, where, depth=0):
         shown = repr(name) if isinstance(name, str) else _show(name)
         raise _Invalid(f"{where} names the class {shown}, which is not one of "
                        f"{sorted(classes)}", advice=_OTHER_VERSION)
-    cls = classes[name]
+    cls = _class(name)
     label = f"{where} ({name})"
     if issubclass(cls, Pipeline):
         if depth >= _MAX_NESTING:
@@ -678,7 +718,8 @@ def _rebuild(description, arrays, prefix, where, depth=0):
         for key, value in _ADDED_FITTED.get(name, {}).items():
             if key not in fitted:
                 setattr(estimator, key, value)
-        _FITTED_CHECKS[name](_Fitted(estimator, label), stored)
+        check = _FITTED_CHECKS.get(name, _check_trained)  # trained detectors: one check
+        check(_Fitted(estimator, label), stored)
     if "network_state" in description:
         _restore_network(estimator, description["network_state"], arrays, prefix, label,
                          bool(fitted))
@@ -788,15 +829,17 @@ def _model_text(model):
 def _check_can_score(model, path):
     """ValueError unless ``model`` is a fitted detector or a pipeline ending in one."""
     from ._base import BaseDetector
+    from ._trained import TrainedDetector
 
     final = model
     while isinstance(final, Pipeline):
         final = final.steps[-1][1]
-    if not isinstance(final, BaseDetector):
+    if not isinstance(final, BaseDetector | TrainedDetector):
         raise ValueError(
             f"{str(path)!r} holds a {_model_text(model)}, which cannot score images: a model "
             "for scoring is a fitted PatchCoreDetector, SPADEDetector or PaDiMDetector, or a "
-            "pipeline ending in one. Use a model file written by `skpatchcore fit`, or save "
+            "pipeline ending in one, or a fitted StudentTeacherDetector, DistillationDetector "
+            "or FocusDistributionDetector. Use a model file written by `skpatchcore fit`, or save "
             "such a model with save_model."
         )
     for step in _steps(model):

@@ -1,0 +1,105 @@
+"""Every method by name: one place that the CLI, evaluate and the report ask (it imports
+neither torch nor scikit-learn, so that the report of an exported model needs neither).
+
+Two families share one interface (fit on good images; ``score_and_map``,
+``iter_score_and_grids``, ``predict_map``, ``calibrate``, ``offset_``):
+
+* the memory-bank and density methods on frozen features, 'patchcore', 'spade' and 'padim':
+  a :class:`~skpatchcore.PatchCorePipeline` of a :class:`~skpatchcore.FeatureExtractor` and
+  a detector (:func:`~skpatchcore.make_anomaly_pipeline`);
+* the methods that train networks on the good images, 'students', 'mkd' and 'fyd': one
+  estimator from images to scores and maps (:class:`~skpatchcore._trained.TrainedDetector`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["METHODS", "METHOD_OF_CLASS", "TRAINED_METHODS", "check_model", "final_estimator",
+           "make_model", "map_geometry", "method_of"]
+
+#: method name -> (module, class) of the methods that train networks.
+TRAINED_METHODS = {
+    "students": ("skpatchcore.students", "StudentTeacherDetector"),
+    "mkd": ("skpatchcore.mkd", "DistillationDetector"),
+    "fyd": ("skpatchcore.fyd", "FocusDistributionDetector"),
+}
+#: Every method name, the feature-based ones first.
+METHODS = ("patchcore", "spade", "padim", *TRAINED_METHODS)
+#: final estimator's class name -> method name.
+METHOD_OF_CLASS = {"PatchCoreDetector": "patchcore", "SPADEDetector": "spade",
+                   "PaDiMDetector": "padim",
+                   **{name: method for method, (_, name) in TRAINED_METHODS.items()}}
+
+
+def trained_class(method):
+    """The estimator class of a trained method."""
+    module, name = TRAINED_METHODS[method]
+    return getattr(importlib.import_module(module), name)
+
+
+def make_model(method="patchcore", **params):
+    """An unfitted model of ``method``, with parameters by plain name.
+
+    Parameters
+    ----------
+    method : str, default='patchcore'
+        One of :data:`METHODS`.
+    **params
+        For 'patchcore', 'spade' and 'padim', parameters of the pipeline's steps (see
+        :func:`~skpatchcore.make_anomaly_pipeline`); for the trained methods, the
+        estimator's own parameters. Unknown names raise TypeError naming the valid ones.
+
+    Returns
+    -------
+    model : PatchCorePipeline or TrainedDetector
+
+    Examples
+    --------
+    >>> from skpatchcore.methods import make_model
+    >>> type(make_model("mkd", max_epochs=5)).__name__
+    'DistillationDetector'
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {list(METHODS)}.")
+    if method not in TRAINED_METHODS:
+        from .pipeline import make_anomaly_pipeline
+
+        return make_anomaly_pipeline(method, **params)
+    cls = trained_class(method)
+    unknown = sorted(set(params) - set(cls._get_param_names()))
+    if unknown:
+        raise TypeError(f"Unknown parameters {unknown} for method {method!r}; valid names are "
+                        f"{cls._get_param_names()}.")
+    return cls(**params)
+
+
+def check_model(model):
+    """Check a model's parameters quickly, before any image is read (the feature options
+    load the network, which finds a missing weights file)."""
+    if hasattr(model, "steps"):
+        model[0].fit()
+        for _, step in model.steps[1:]:
+            step._validate_params()
+    else:
+        model._validate_params()
+
+
+def final_estimator(model):
+    """The estimator holding ``offset_``: the last step of a pipeline (or of a list standing
+    in for one, as an exported model's description), or the model itself."""
+    return model[-1] if hasattr(model, "steps") or isinstance(model, list | tuple) else model
+
+
+def map_geometry(model):
+    """The :class:`~skpatchcore._geometry.Geometry` that puts a fitted model's maps from
+    ``iter_score_and_grids`` back on the images' pixels."""
+    if hasattr(model, "steps"):
+        return model._extractor()._geometry
+    return model._geometry
+
+
+def method_of(model):
+    """The method name of a model, from its final estimator's class name (None when it is
+    none of :data:`METHODS`)."""
+    return METHOD_OF_CLASS.get(type(final_estimator(model)).__name__)
