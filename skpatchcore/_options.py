@@ -82,8 +82,9 @@ def model_params(args):
         wrong = {**wrong, "sampling_ratio": "--sampling-ratio"}
     refused = [option for key, option in wrong.items() if key in given]
     if refused:
-        raise ValueError(f"{', '.join(refused)} does not apply to --method {args.method}; "
-                         "drop it (see --help for which options each method takes).")
+        verb, it = ("do", "them") if len(refused) > 1 else ("does", "it")
+        raise ValueError(f"{', '.join(refused)} {verb} not apply to --method {args.method}; "
+                         f"drop {it} (see --help for which options each method takes).")
     if "scales" in given:
         given["scales"] = tuple(given["scales"])
     if args.method in ("patchcore", "spade"):

@@ -137,6 +137,13 @@ def no_feature_work(monkeypatch):
         (["-o", "{dir}"], "is a folder"),
         (["--patch-size", "99"], "patch_size=99 averages over the whole"),
         (["--border", "40"], "border=40 replaces every cell"),
+        (["--method", "mkd", "--patch-size", "3"], "--patch-size does not apply to --method mkd"),
+        (["--method", "students", "--backbone", "resnet18", "--coreset-ratio", "0.1"],
+         "--backbone, --sampling-ratio do not apply to --method students"),
+        (["--max-epochs", "3"], "--max-epochs does not apply to --method patchcore"),
+        (["--method", "padim", "--coreset-ratio", "0.1"],
+         "--sampling-ratio does not apply to --method padim"),
+        (["--method", "fyd", "--scheduler", "tcp://127.0.0.1:1"], "fits --method patchcore"),
     ],
 )
 def test_fit_refuses_bad_options_before_any_work(folders, tmp_path, capsys, no_feature_work,
