@@ -83,6 +83,18 @@ SETTINGS = {
     "lite1_size384_layers245_b1": {"backbone": "efficientnet_lite1", "image_size": 384,
                                    "layers": ["blocks.2", "blocks.4", "blocks.5"],
                                    "n_reweight_neighbors": 1},
+    # a wider frame, and the same without enlarging small images ('pad': a texture keeps
+    # its own scale in every image that fits; MTD's tiles are 103-620 px wide, so a square
+    # letterbox scales them by 0.52 to 1.44)
+    "letterbox320x480": {"image_size": (320, 480)},
+    "pad320x480": {"image_size": (320, 480), "resize_mode": "pad"},
+    "pad320x480_seed1": {"image_size": (320, 480), "resize_mode": "pad", "random_state": 1},
+    "pad320x480_seed2": {"image_size": (320, 480), "resize_mode": "pad", "random_state": 2},
+    # a frame of the training images' own aspect ratio with the area of 320 x 320 (tire's
+    # images are 400 x 300: a square frame leaves a quarter of it padding)
+    "frame368x276": {"image_size": (368, 276)},
+    "frame368x276_seed1": {"image_size": (368, 276), "random_state": 1},
+    "frame368x276_seed2": {"image_size": (368, 276), "random_state": 2},
     # 0.7% at 384 px keeps the bank about as large as 1% at 320 px
     "size384_ratio007_b1": {"image_size": 384, "sampling_ratio": 0.007,
                             "n_reweight_neighbors": 1},

@@ -44,7 +44,9 @@ def frame_geometry(src_hw, image_size, resize_mode):
     """Where an image of size ``src_hw`` lands in the ``image_size`` frame.
 
     Returns (top, left, height, width) of the resized image inside the frame: the whole frame
-    for 'stretch'; the largest aspect-preserving fit, centred, for 'letterbox'.
+    for 'stretch'; the largest aspect-preserving fit, centred, for 'letterbox'; for 'pad',
+    the image at its own size, centred, when it fits, else shrunk as by 'letterbox' (never
+    enlarged, so that a texture keeps its scale in every image that fits).
 
     Examples
     --------
@@ -52,12 +54,16 @@ def frame_geometry(src_hw, image_size, resize_mode):
     (16, 0, 32, 64)
     >>> frame_geometry((100, 200), (64, 64), "stretch")
     (0, 0, 64, 64)
+    >>> frame_geometry((30, 40), (64, 64), "pad"), frame_geometry((100, 200), (64, 64), "pad")
+    ((17, 12, 30, 40), (16, 0, 32, 64))
     """
     H, W = image_size
     if resize_mode == "stretch":
         return 0, 0, H, W
     h, w = src_hw
     scale = min(H / h, W / w)
+    if resize_mode == "pad":
+        scale = min(scale, 1.0)
     nh, nw = min(H, max(1, round(h * scale))), min(W, max(1, round(w * scale)))
     return (H - nh) // 2, (W - nw) // 2, nh, nw
 
@@ -192,7 +198,7 @@ class Geometry:
     ----------
     image_size : int or (int, int)
         The frame every image is resized into.
-    resize_mode : {'letterbox', 'stretch'}
+    resize_mode : {'letterbox', 'stretch', 'pad'}
     crop_size : int or (int, int) or None
         Centre crop taken from the frame; None takes the whole frame.
     """

@@ -36,7 +36,7 @@ def add_model_arguments(parser):
     parser.add_argument("--image-size", type=int,
                         help=f"network frame in pixels (default {defaults['image_size']}; the "
                              "trained methods have their own)")
-    parser.add_argument("--resize-mode", choices=["letterbox", "stretch"],
+    parser.add_argument("--resize-mode", choices=["letterbox", "stretch", "pad"],
                         help=f"default {defaults['resize_mode']}")
     parser.add_argument("--patch-size", type=int,
                         help=f"feature methods (default {defaults['patch_size']})")

@@ -80,7 +80,7 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     _common_constraints: dict = {
         "image_size": [Interval(Integral, 32, None, closed="left")],
-        "resize_mode": [StrOptions({"letterbox", "stretch"})],
+        "resize_mode": [StrOptions({"letterbox", "stretch", "pad"})],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],

@@ -103,10 +103,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     image_size : int or (int, int), default=320
         (height, width) of the frame every image is resized into before the network. The
         whole image is always analysed, and maps are mapped back to it exactly.
-    resize_mode : {'letterbox', 'stretch'}, default='letterbox'
+    resize_mode : {'letterbox', 'stretch', 'pad'}, default='letterbox'
         'letterbox' keeps the aspect ratio: the image is scaled to fit the frame and centred
         on mid-grey padding, so textures are not distorted (images of varied shapes).
-        'stretch' resizes to the frame exactly, changing the aspect ratio.
+        'stretch' resizes to the frame exactly, changing the aspect ratio. 'pad' is
+        'letterbox' without enlarging: an image that fits the frame keeps its own pixels
+        (centred on mid-grey), so a texture has one scale in every image that fits.
     crop_size : int or (int, int) or None, default=None
         If set, a centre crop of this size is taken after resizing (the reference
         implementation's resize-256 / crop-224). Pixels outside the crop are not analysed.
@@ -214,7 +216,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
         "patch_size": [Interval(Integral, 1, None, closed="left")],
         "image_size": [Interval(Integral, 8, None, closed="left"), tuple, list],
-        "resize_mode": [StrOptions({"stretch", "letterbox"})],
+        "resize_mode": [StrOptions({"stretch", "letterbox", "pad"})],
         "crop_size": [Interval(Integral, 8, None, closed="left"), tuple, list, None],
         "border": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "scales": [tuple, list],

@@ -86,6 +86,8 @@ def test_bands_are_bounded():
     (Geometry(80, "letterbox", crop_size=64), (120, 97)),
     (Geometry(80, "stretch", crop_size=(64, 48)), (30, 40)),
     (Geometry(64, "letterbox"), (64, 64)),  # no resize at all
+    (Geometry((64, 96), "pad"), (50, 90)),  # fits: placed at its own size
+    (Geometry((64, 96), "pad"), (300, 200)),  # too large: shrunk as by letterbox
 ])
 def test_to_image_as_before(geometry, src_hw):
     rng = np.random.default_rng(1)
@@ -97,6 +99,18 @@ def test_to_image_as_before(geometry, src_hw):
     rows = geometry.image_rows(amap, src_hw)
     np.testing.assert_array_equal(np.concatenate([rows.rows(a, b) for a, b in rows.bands(97)]),
                                   got)
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 2000), w=st.integers(1, 2000),
+       frame=st.tuples(st.integers(8, 700), st.integers(8, 700)))
+def test_pad_never_enlarges_and_otherwise_letterboxes(h, w, frame):
+    top, left, nh, nw = frame_geometry((h, w), frame, "pad")
+    if h <= frame[0] and w <= frame[1]:
+        assert (nh, nw) == (h, w)  # the image's own pixels, centred
+        assert (top, left) == ((frame[0] - h) // 2, (frame[1] - w) // 2)
+    else:
+        assert (top, left, nh, nw) == frame_geometry((h, w), frame, "letterbox")
 
 
 def test_image_region_of_a_crop_is_zero_outside_it():
@@ -121,7 +135,7 @@ def test_reduction_factor_of_the_issue_sizes():
 @settings(max_examples=300, deadline=None)
 @given(h=st.integers(1, 30000), w=st.integers(1, 30000),
        frame=st.tuples(st.integers(8, 700), st.integers(8, 700)),
-       mode=st.sampled_from(["letterbox", "stretch"]))
+       mode=st.sampled_from(["letterbox", "stretch", "pad"]))
 def test_reduction_factor_rule(h, w, frame, mode):
     g = Geometry(frame, mode)
     f = g.reduction_factor((h, w))
