@@ -95,6 +95,10 @@ SETTINGS = {
     "frame368x276": {"image_size": (368, 276)},
     "frame368x276_seed1": {"image_size": (368, 276), "random_state": 1},
     "frame368x276_seed2": {"image_size": (368, 276), "random_state": 2},
+    # the same rule on MTD, whose training tiles have a median width / height of 0.874
+    "frame342x299": {"image_size": (342, 299)},
+    "frame342x299_seed1": {"image_size": (342, 299), "random_state": 1},
+    "frame342x299_seed2": {"image_size": (342, 299), "random_state": 2},
     # 0.7% at 384 px keeps the bank about as large as 1% at 320 px
     "size384_ratio007_b1": {"image_size": 384, "sampling_ratio": 0.007,
                             "n_reweight_neighbors": 1},
