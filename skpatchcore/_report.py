@@ -105,8 +105,9 @@ def _threshold_rows(detector, threshold, pixel_threshold=None):
                           f"{detector.offset_:.6g}): an image scoring above it is flagged −1"),
             ("Threshold source", threshold_source(detector))]
     if pixel_threshold is not None and pixel_threshold != threshold:
-        rows.append(("Pixel threshold", f"{pixel_threshold:.6g} (--threshold): the masks and "
-                                        "the white outlines of the overlays"))
+        rows.append(("Pixel threshold", f"{pixel_threshold:.6g} (--threshold, or the model's "
+                                        "pixel_threshold_): the masks and the white outlines "
+                                        "of the overlays"))
     return rows
 
 

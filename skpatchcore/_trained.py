@@ -37,7 +37,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import ThresholdMixin, check_fpr, contamination_offset  # noqa: F401
-from ._geometry import Geometry, check_sigma
+from ._geometry import Geometry, check_sigma, upsample_maps
 from ._images import check_images
 from ._utils import labels_from_decision, progress, resolve_device
 from ._validation import normal_mask
@@ -72,8 +72,11 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     ``resize_mode``, ``max_epochs``, ``batch_size``, ``learning_rate``,
     ``validation_fraction``, ``contamination``, ``device``, ``random_state``, ``verbose``.
 
-    Fitted attributes common to all: ``offset_``, ``n_train_images_`` (images trained on),
-    ``n_validation_images_`` (held-out good images that set ``offset_``), ``train_loss_``
+    Fitted attributes common to all: ``offset_`` (from the held-out images' scores, by
+    ``contamination``), ``pixel_threshold_`` (the same rule on the peaks of their maps:
+    :meth:`predict_mask`'s and the CLI's mask threshold), ``n_train_images_`` (images
+    trained on), ``n_validation_images_`` (held-out good images that set ``offset_``),
+    ``train_loss_``
     (mean training loss of each epoch), ``weights_sha256_`` (of the frozen pretrained
     network's weights file, or None).
     """
@@ -113,6 +116,11 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         is the method's own (a grid or the input size); they are upsampled to the input
         size, smoothed and placed on each image's pixels by :meth:`maps_to_images`."""
         raise NotImplementedError
+
+    def _anomaly_scores(self, x):
+        """Anomaly scores (b,) alone, for ``score_samples``: those of :meth:`_anomaly` unless a
+        subclass can skip work that only the maps need (a backward pass)."""
+        return self._anomaly(x)[0]
 
     def _fitted_arrays(self):
         """Fitted array attributes beyond the networks, for the model-file checks: a dict
@@ -229,9 +237,13 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         self.n_epochs_ = len(self.train_loss_)
         self.n_train_images_ = int(len(kept))
         self.n_validation_images_ = int(len(held))
-        held_scores, _ = self._score_frames(frames[torch.as_tensor(held)], with_maps=False)
-        self.offset_ = contamination_offset(-held_scores, self.contamination,
-                                            type(self).__name__)
+        held_scores, held_maps = self._score_frames(frames[torch.as_tensor(held)])
+        name = type(self).__name__
+        self.offset_ = contamination_offset(-held_scores, self.contamination, name)
+        # the maps need not be in the scores' units (a gradient, a regression error): the
+        # pixel threshold is the same rule on the held-out maps' peaks, at sigma = 4
+        peaks = upsample_maps(held_maps, self._geometry.input_size, 4.0).max(axis=(1, 2))
+        self.pixel_threshold_ = -contamination_offset(-peaks, self.contamination, name)
         return self
 
     def _check_before_training(self):
@@ -265,10 +277,13 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
             net.to(device).eval()
         scores, maps = [], []
         for a in range(0, len(frames), SCORE_BATCH):
-            s, m = self._anomaly(self._float(frames[a : a + SCORE_BATCH], device))
-            scores.append(np.asarray(s, dtype=np.float64))
+            x = self._float(frames[a : a + SCORE_BATCH], device)
             if with_maps:
+                s, m = self._anomaly(x)
                 maps.append(np.asarray(m, dtype=np.float32))
+            else:
+                s = self._anomaly_scores(x)
+            scores.append(np.asarray(s, dtype=np.float64))
         return np.concatenate(scores), (np.concatenate(maps) if with_maps else None)
 
     def _check_images(self, X):
@@ -366,10 +381,11 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         return self.score_and_map(X, sigma)[1]
 
     def predict_mask(self, X, threshold=None, sigma=4.0):
-        """Boolean defect masks: map values above ``threshold`` (None: ``-offset_``, the
-        image-level threshold)."""
+        """Boolean defect masks: map values above ``threshold`` (None: ``pixel_threshold_``,
+        the contamination rule applied to the peaks of the held-out good images' maps at
+        ``sigma`` = 4; the maps need not be in the units of the image scores)."""
         check_is_fitted(self)
-        threshold = -self.offset_ if threshold is None else threshold
+        threshold = self.pixel_threshold_ if threshold is None else threshold
         maps = self.predict_map(X, sigma)
         if isinstance(maps, list):
             return [m > threshold for m in maps]

@@ -251,10 +251,11 @@ class _PipelineScores:
 
     def __init__(self, model, images, quiet, chunks=None):
         from ._utils import progress
-        from .methods import final_estimator, map_geometry
+        from .methods import final_estimator, map_geometry, pixel_threshold
 
         self.description = model
         self.offset = final_estimator(model).offset_
+        self.pixel_threshold = pixel_threshold(model)
         self._geometry = map_geometry(model)
         self._images = images
         n = len(images)
@@ -314,6 +315,7 @@ class _OnnxScores:
 
         self.description = model.description()
         self.offset = model.offset_
+        self.pixel_threshold = -model.offset_
         self._model = model
         self._images = images
         H, W = model.frame_size
@@ -386,7 +388,7 @@ def _predict_into(model, paths, out, args):
         writer.writerow(["path", "score", "decision", "label"])
         for p, s, d, lab in zip(paths, scores, decision, labels, strict=True):
             writer.writerow([str(p), f"{s:.6f}", f"{d:.6f}", int(lab)])
-    threshold = -offset if args.threshold is None else args.threshold
+    threshold = scored.pixel_threshold if args.threshold is None else args.threshold
     overlays = scale = None
     if not args.no_images:
         # the shared colour scale, from a sample of every map
@@ -412,7 +414,7 @@ def _predict_into(model, paths, out, args):
         predict_report(out, model_file=Path(args.model).resolve(), pipe=scored.description,
                        paths=paths, scores=scores, overlays=overlays,
                        seconds=time.perf_counter() - start,
-                       pixel_threshold=None if args.threshold is None else threshold,
+                       pixel_threshold=threshold,
                        colour_scale=scale, embed=args.embed)
     return int((labels == -1).sum())
 
@@ -498,7 +500,8 @@ def _parser(command=None):
     pred.add_argument("inputs", nargs="+", help="image files or folders")
     pred.add_argument("--out", required=True, help="output folder")
     pred.add_argument("--threshold", type=_finite,
-                      help="pixel threshold for masks (default: the model's image threshold)")
+                      help="pixel threshold for masks (default: the model's: its image "
+                           "threshold, or pixel_threshold_ for the trained methods)")
     pred.add_argument("--no-images", action="store_true",
                       help="no overlays or masks: scores.csv (and report.html without pictures)")
     pred.add_argument("--no-report", action="store_true", help="do not write report.html")

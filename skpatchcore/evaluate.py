@@ -29,7 +29,7 @@ from ._options import (
 )
 from ._utils import check_writable
 from .datasets import load_masks, load_mvtec
-from .methods import check_model, final_estimator, make_model
+from .methods import check_model, make_model, pixel_threshold
 from .metrics import aupro, image_auroc, pixel_auroc
 
 __all__ = ["evaluate", "main"]
@@ -151,7 +151,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         pick = np.flatnonzero((good | (types == t)) & has_mask)
         results["pixel_auroc_by_type"][t] = pixel_auroc([masks[i] for i in pick],
                                                         [maps[i] for i in pick])
-    threshold = -final_estimator(pipe).offset_
+    threshold = pixel_threshold(pipe)
     if save_maps is not None or report is not None:
         from ._visualize import save_overlays
     overlays = None

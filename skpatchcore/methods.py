@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["METHODS", "METHOD_OF_CLASS", "TRAINED_METHODS", "check_model", "final_estimator",
-           "make_model", "map_geometry", "method_of"]
+           "make_model", "map_geometry", "method_of", "pixel_threshold"]
 
 #: method name -> (module, class) of the methods that train networks.
 TRAINED_METHODS = {
@@ -89,6 +89,14 @@ def final_estimator(model):
     """The estimator holding ``offset_``: the last step of a pipeline (or of a list standing
     in for one, as an exported model's description), or the model itself."""
     return model[-1] if hasattr(model, "steps") or isinstance(model, list | tuple) else model
+
+
+def pixel_threshold(model):
+    """The default threshold of a fitted model's maps (masks, overlay outlines):
+    ``pixel_threshold_`` of a trained detector (its maps need not be in the scores' units),
+    else ``-offset_``, the image threshold."""
+    final = final_estimator(model)
+    return getattr(final, "pixel_threshold_", -final.offset_)
 
 
 def map_geometry(model):

@@ -619,6 +619,7 @@ def _check_trained(f, stored):
     training record, the trained weights (network_state), the pretrained network's digest and
     the method's own fitted arrays (``_fitted_arrays``)."""
     f.number("offset_")
+    f.number("pixel_threshold_")
     _check_calibration(f)
     f.integer("n_train_images_")
     f.integer("n_validation_images_")

@@ -85,6 +85,18 @@ def test_fit_holds_out_images_and_sets_offset_from_them(fitted, data):
     assert np.isfinite(fitted.offset_)
 
 
+def test_pixel_threshold_is_the_contamination_rule_on_held_out_map_peaks(data):
+    X, y, _ = data
+    model = Reconstruct(contamination=0.25).fit(X[y == 1])
+    # the held-out images are those the model did not train on: find them by refitting the
+    # rule on the peaks of every good image's map and checking the held-out quantile
+    rng = np.random.RandomState(0)
+    held = np.sort(rng.permutation(int((y == 1).sum()))[:model.n_validation_images_])
+    maps = model.predict_map(list(X[y == 1][held]), sigma=4.0)
+    peaks = np.asarray(maps).max(axis=(1, 2))
+    assert model.pixel_threshold_ == pytest.approx(np.percentile(peaks, 75.0), rel=1e-5)
+
+
 def test_labels_leave_out_defects_and_refuse_other_values(fitted, data):
     X, y, _ = data
     with_defects = Reconstruct().fit(X, y)
@@ -129,8 +141,8 @@ def test_maps_on_each_images_own_pixels(fitted, data):
     same = fitted.predict_map(images, sigma=0)
     assert all(np.array_equal(a, b) for a, b in zip(maps, same, strict=True))
     masks = fitted.predict_mask(images, sigma=0)
-    assert all(np.array_equal(m, a > -fitted.offset_) for m, a in zip(masks, maps,
-                                                                     strict=True))
+    assert all(np.array_equal(m, a > fitted.pixel_threshold_)
+               for m, a in zip(masks, maps, strict=True))
     stacked = fitted.predict_map(X[:3], sigma=4.0)
     assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 32, 32)
 
