@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from numbers import Integral, Real
 
 import numpy as np
@@ -47,6 +48,10 @@ __all__ = ["TrainedDetector"]
 
 #: Frames scored per network call when scoring (memory, not results, depends on it).
 SCORE_BATCH = 8
+#: The frozen pretrained networks of this process: (name, layers, device) -> (network,
+#: (mean, std), weights file, its SHA-256). Frozen, so every estimator can share them.
+_FROZEN = {}
+_FROZEN_LOCK = threading.Lock()
 
 
 def _as_list(maps):
@@ -159,14 +164,20 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     def _pretrained_network(self):
         """The frozen pretrained network of ``_pretrained`` (a
         :class:`~skpatchcore.backbones.TruncatedBackbone` returning the listed layers), on
-        the device, built once per process and never pickled; its mean and std."""
-        cache = self.__dict__.get("_frozen")
-        device = self._device()
-        if cache is not None and cache[0] == device:
-            return cache[1], cache[2]
+        the device, and its input mean and std: built once per process for every estimator
+        that uses the same network (clones in a grid search too), never pickled."""
         name, layers = self._pretrained
-        network, spec, _, path = load_backbone(name, layers, "imagenet")
-        sha = file_sha256(path)
+        device = self._device()
+        key = (name, tuple(layers), str(device))
+        with _FROZEN_LOCK:
+            if key not in _FROZEN:
+                network, spec, _, path = load_backbone(name, layers, "imagenet")
+                for p in network.parameters():
+                    p.requires_grad_(False)
+                norm = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+                        torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+                _FROZEN[key] = (network.to(device).eval(), norm, path, file_sha256(path))
+            network, norm, path, sha = _FROZEN[key]
         known = self.__dict__.get("weights_sha256_")
         if known is not None and sha != known:
             raise ValueError(
@@ -174,12 +185,6 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
                 f"this model was fitted with {known}. The scores would differ: install the "
                 "original weights or refit the model.")
         self.__dict__["_weights_sha256"] = sha
-        for p in network.parameters():
-            p.requires_grad_(False)
-        network = network.to(device).eval()
-        norm = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
-                torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
-        self.__dict__["_frozen"] = (device, network, norm)
         return network, norm
 
     def _pretrained_channels(self):
@@ -424,7 +429,6 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: pickling must not strip this object
-        state.pop("_frozen", None)
         if "_nets" in state:
             state["_nets"] = {k: v.to("cpu") for k, v in state["_nets"].items()}
         return state

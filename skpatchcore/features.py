@@ -59,6 +59,22 @@ def _resolve_precision(precision, device):
     return precision
 
 
+def aggregate(fmaps, patch_size, grid_shape):
+    """Locally aware patch features of one pass's feature maps (float32 (b, c, h', w')
+    each): averaged over ``patch_size`` neighbourhoods, resized to ``grid_shape`` and scaled
+    by 1/sqrt(c) so that every layer weighs the same; a list, one per layer. The patch
+    features of :class:`FeatureExtractor`, and of every method built on its layers."""
+    p, target = patch_size, tuple(grid_shape)
+    out = []
+    for fmap in fmaps:
+        if p > 1:
+            fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
+        if tuple(fmap.shape[-2:]) != target:
+            fmap = F.interpolate(fmap, size=target, mode="bilinear", align_corners=False)
+        out.append(fmap / math.sqrt(fmap.shape[1]))
+    return out
+
+
 def check_scales(scales):
     """``scales`` as a tuple of floats in (0, 1], the first 1.0; ValueError otherwise."""
     try:
@@ -528,18 +544,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return torch.cat(merged, dim=1).permute(0, 2, 3, 1)
 
     def _aggregate(self, fmaps):
-        """Locally aware patch features of one pass's feature maps (float32 (b, c, h', w')
-        each): averaged over ``patch_size`` neighbourhoods, resized to ``grid_shape_`` and
-        scaled by 1/sqrt(c) so that every layer weighs the same; a list, one per layer."""
-        p, target = self.patch_size, tuple(self.grid_shape_)
-        out = []
-        for fmap in fmaps:
-            if p > 1:
-                fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
-            if tuple(fmap.shape[-2:]) != target:
-                fmap = F.interpolate(fmap, size=target, mode="bilinear", align_corners=False)
-            out.append(fmap / math.sqrt(fmap.shape[1]))
-        return out
+        """:func:`aggregate` at this extractor's ``patch_size`` and ``grid_shape_``."""
+        return aggregate(fmaps, self.patch_size, self.grid_shape_)
 
     # ----------------------------------------------------------- sklearn glue
     def set_output(self, *, transform=None):

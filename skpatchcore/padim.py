@@ -16,7 +16,7 @@ from ._containers import MemoryBank, PatchFeatures
 from ._utils import resolve_device
 from ._validation import check_features, normal_mask, validate_features
 
-__all__ = ["PaDiMDetector"]
+__all__ = ["PaDiMDetector", "fit_gaussians", "mahalanobis_distances"]
 
 # Bytes of float64 work arrays per block of grid positions (fit and predict).
 _BLOCK_BYTES = 1 << 27
@@ -51,6 +51,102 @@ def _loo_distance(a, n):
     c = n / (n - 1.0)
     denom = torch.clamp(1.0 - c * a, min=torch.finfo(a.dtype).tiny)
     return torch.sqrt(torch.clamp((n - 2.0) * c * c * a / denom, min=0.0))
+
+
+def _cholesky(matrices, start, grid_shape, reg):
+    """Batched Cholesky factors; a singular matrix raises, naming its grid position."""
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    bad = torch.nonzero(info).flatten()
+    if bad.numel():
+        pos = start + int(bad[0])
+        where = np.unravel_index(pos, grid_shape) if tuple(grid_shape) != (1, 1) else ()
+        at = f" at grid position {tuple(int(i) for i in where)}" if where else ""
+        raise ValueError(
+            f"The covariance{at} is singular (fewer distinct training samples than "
+            f"features); use reg > 0 (got reg={reg}) or fewer n_features."
+        )
+    return factor
+
+
+def fit_gaussians(rows, feature_indices, reg, *, device, grid_shape, leave_one_out=True):
+    """One regularised Gaussian per position (PaDiM's model), in float64.
+
+    Parameters
+    ----------
+    rows : ndarray of shape (n, positions, d)
+        The training features of every position.
+    feature_indices : ndarray of shape (dim,), int64
+        The channels kept.
+    reg : float
+        Added to the diagonal of every covariance (``S + reg * I``, S with 1 / (n - 1)).
+    device : torch.device
+    grid_shape : tuple of (int, int)
+        (h, w) with h * w = positions, for the error naming a singular position.
+    leave_one_out : bool, default=True
+        Also compute every training sample's leave-one-out distance (see
+        :class:`PaDiMDetector`'s Notes).
+
+    Returns
+    -------
+    means : ndarray (positions, dim), float64
+    factors : ndarray (positions, dim, dim), float64
+        Lower Cholesky factors of ``S + reg * I``.
+    loo : ndarray (n, positions), float64, or None without ``leave_one_out``
+    single : ndarray (dim, dim) or None
+        For a single position with ``leave_one_out``, the factor that gives ``loo``.
+    """
+    n, n_pos, _ = rows.shape
+    idx = torch.from_numpy(np.asarray(feature_indices, dtype=np.int64)).to(device)
+    dim = idx.shape[0]
+    lam = float(reg)
+    eye = torch.eye(dim, dtype=torch.float64, device=device)
+    means = np.empty((n_pos, dim), dtype=np.float64)
+    factors = np.empty((n_pos, dim, dim), dtype=np.float64)
+    loo = np.empty((n, n_pos), dtype=np.float64) if leave_one_out else None
+    single = None
+    step = _positions_per_block(n, dim)
+    for start in range(0, n_pos, step):
+        stop = min(start + step, n_pos)
+        block = torch.from_numpy(np.ascontiguousarray(rows[:, start:stop])).to(device)
+        z = block.index_select(2, idx).to(torch.float64).transpose(0, 1)  # (p, n, dim)
+        mu = z.mean(dim=1, keepdim=True)
+        u = z - mu
+        scatter = torch.bmm(u.transpose(1, 2), u)  # C, (p, dim, dim)
+        factor = _cholesky(scatter / (n - 1) + lam * eye, start, grid_shape, reg)
+        if leave_one_out:
+            loo_factor = _cholesky(scatter + (n - 2) * lam * eye, start, grid_shape, reg)
+            sol = torch.linalg.solve_triangular(loo_factor, u.transpose(1, 2), upper=False)
+            a = (sol * sol).sum(dim=1)  # (p, n)
+            loo[:, start:stop] = _loo_distance(a, n).T.cpu().numpy()
+            if n_pos == 1:
+                single = loo_factor[0].cpu().numpy()
+        means[start:stop] = mu[:, 0].cpu().numpy()
+        factors[start:stop] = factor.cpu().numpy()
+    return means, factors, loo, single
+
+
+def mahalanobis_distances(rows, feature_indices, means, factors, *, device):
+    """Mahalanobis distance of every row to its position's Gaussian (from
+    :func:`fit_gaussians`): ndarray (n, positions), float64, a block of positions at a time.
+
+    ``rows`` is (n, positions, d); ``means`` and ``factors`` may have any leading shape
+    that flattens to (positions, dim) and (positions, dim, dim).
+    """
+    n, n_pos, _ = rows.shape
+    idx = torch.from_numpy(np.asarray(feature_indices, dtype=np.int64)).to(device)
+    dim = idx.shape[0]
+    means = torch.from_numpy(np.asarray(means).reshape(n_pos, dim))
+    factors = torch.from_numpy(np.asarray(factors).reshape(n_pos, dim, dim))
+    out = np.empty((n, n_pos), dtype=np.float64)
+    step = _positions_per_block(n, dim)
+    for start in range(0, n_pos, step):
+        stop = min(start + step, n_pos)
+        block = torch.from_numpy(np.ascontiguousarray(rows[:, start:stop])).to(device)
+        z = block.index_select(2, idx).to(torch.float64).permute(1, 2, 0)  # (p, dim, n)
+        u = z - means[start:stop, :, None].to(device)
+        sol = torch.linalg.solve_triangular(factors[start:stop].to(device), u, upper=False)
+        out[:, start:stop] = torch.linalg.vector_norm(sol, dim=1).T.cpu().numpy()
+    return out
 
 
 class PaDiMDetector(BaseDetector):
@@ -265,47 +361,8 @@ class PaDiMDetector(BaseDetector):
     def _fit_positions(self, rows):
         """Means, Cholesky factors, leave-one-out distances (n, positions) and, for a
         single position, the factor that gives them."""
-        device = resolve_device(self.device)
-        n, n_pos, _ = rows.shape
-        idx = torch.from_numpy(self.feature_indices_).to(device)
-        dim = idx.shape[0]
-        lam = float(self.reg)
-        eye = torch.eye(dim, dtype=torch.float64, device=device)
-        means = np.empty((n_pos, dim), dtype=np.float64)
-        factors = np.empty((n_pos, dim, dim), dtype=np.float64)
-        loo = np.empty((n, n_pos), dtype=np.float64)
-        single = None
-        step = _positions_per_block(n, dim)
-        for start in range(0, n_pos, step):
-            stop = min(start + step, n_pos)
-            block = torch.from_numpy(np.ascontiguousarray(rows[:, start:stop])).to(device)
-            z = block.index_select(2, idx).to(torch.float64).transpose(0, 1)  # (p, n, dim)
-            mu = z.mean(dim=1, keepdim=True)
-            u = z - mu
-            scatter = torch.bmm(u.transpose(1, 2), u)  # C, (p, dim, dim)
-            factor = self._cholesky(scatter / (n - 1) + lam * eye, start)
-            loo_factor = self._cholesky(scatter + (n - 2) * lam * eye, start)
-            sol = torch.linalg.solve_triangular(loo_factor, u.transpose(1, 2), upper=False)
-            a = (sol * sol).sum(dim=1)  # (p, n)
-            loo[:, start:stop] = _loo_distance(a, n).T.cpu().numpy()
-            means[start:stop] = mu[:, 0].cpu().numpy()
-            factors[start:stop] = factor.cpu().numpy()
-            if n_pos == 1:
-                single = loo_factor[0].cpu().numpy()
-        return means, factors, loo, single
-
-    def _cholesky(self, matrices, start):
-        factor, info = torch.linalg.cholesky_ex(matrices)
-        bad = torch.nonzero(info).flatten()
-        if bad.numel():
-            pos = start + int(bad[0])
-            where = np.unravel_index(pos, self.grid_shape_) if self.grid_shape_ != (1, 1) else ()
-            at = f" at grid position {tuple(int(i) for i in where)}" if where else ""
-            raise ValueError(
-                f"The covariance{at} is singular (fewer distinct training samples than "
-                f"features); use reg > 0 (got reg={self.reg}) or fewer n_features."
-            )
-        return factor
+        return fit_gaussians(rows, self.feature_indices_, self.reg,
+                             device=resolve_device(self.device), grid_shape=self.grid_shape_)
 
     # ----------------------------------------------------------------- scoring
     def score_samples(self, X):
@@ -370,26 +427,9 @@ class PaDiMDetector(BaseDetector):
 
     def _distances(self, X):
         """Mahalanobis distances (n, positions), float64, a block of positions at a time."""
-        device = resolve_device(self.device)
         n, d = X.shape[0], X.shape[-1]
-        rows = X.reshape(n, -1, d)
-        n_pos = rows.shape[1]
-        idx = torch.from_numpy(self.feature_indices_).to(device)
-        dim = idx.shape[0]
-        means = torch.from_numpy(self.mean_.reshape(n_pos, dim))
-        factors = torch.from_numpy(self.cholesky_.reshape(n_pos, dim, dim))
-        out = np.empty((n, n_pos), dtype=np.float64)
-        step = _positions_per_block(n, dim)
-        for start in range(0, n_pos, step):
-            stop = min(start + step, n_pos)
-            block = torch.from_numpy(np.ascontiguousarray(rows[:, start:stop])).to(device)
-            z = block.index_select(2, idx).to(torch.float64).permute(1, 2, 0)  # (p, dim, n)
-            u = z - means[start:stop, :, None].to(device)
-            sol = torch.linalg.solve_triangular(
-                factors[start:stop].to(device), u, upper=False
-            )
-            out[:, start:stop] = torch.linalg.vector_norm(sol, dim=1).T.cpu().numpy()
-        return out
+        return mahalanobis_distances(X.reshape(n, -1, d), self.feature_indices_, self.mean_,
+                                     self.cholesky_, device=resolve_device(self.device))
 
     def _loo_rows(self, X):
         """Leave-one-out distances of training rows (single position)."""
