@@ -94,6 +94,33 @@ def test_fit_predict_other_methods(folders, tmp_path, method):
     assert scores[4:].max() < scores[:4].min()  # defective parts score lower
 
 
+@pytest.mark.parametrize(("method", "options"), [
+    ("mkd", ["--image-size", "64", "--max-epochs", "2"]),
+    ("fyd", ["--image-size", "64", "--max-epochs", "1"]),
+])
+def test_fit_predict_trained_methods(folders, tmp_path, method, options, capsys):
+    path = tmp_path / f"{method}.npz"
+    assert main(["fit", str(folders / "good"), "-o", str(path), "--method", method,
+                 "--quiet", *options]) == 0
+    model = load_model(path)
+    assert type(model).__name__ == {"mkd": "DistillationDetector",
+                                    "fyd": "FocusDistributionDetector"}[method]
+    assert model.image_size == 64 and model.n_epochs_ == int(options[-1])
+    out = tmp_path / "out"
+    assert main(["predict", str(path), str(folders / "new"), "--out", str(out),
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    new = sorted((folders / "new").glob("*.png"))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], model.score_samples(new),
+                               rtol=1e-5)
+    # the masks are the model's own maps above its pixel threshold
+    mask = np.asarray(Image.open(sorted((out / "masks").glob("*.png"))[-1])) > 0
+    np.testing.assert_array_equal(mask, model.predict_mask([new[-1]])[0])
+    assert main(["predict", str(path), str(folders / "new"), "--out", str(tmp_path / "o2"),
+                 "--scheduler", "tcp://127.0.0.1:1", "--quiet"]) == 2
+    assert "drop --scheduler" in capsys.readouterr().err
+
+
 def test_fit_with_an_image_pyramid(folders, tmp_path):
     path = tmp_path / "pyramid.npz"
     assert main(["fit", str(folders / "good"), "-o", str(path), "--image-size", "64",
