@@ -146,11 +146,16 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         bar = progress(total=len(images), desc=desc, unit="img",
                        disable=desc is None or not self.verbose or len(images) < 2)
         for i in range(len(images)):
-            frame = geometry.to_input(images.decode(i, geometry))
+            frame = geometry.to_input(self._prepare(images.decode(i, geometry)))
             out[i] = (frame.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
             bar.update(1)
         bar.close()
         return out
+
+    def _prepare(self, image):
+        """An image (3, h, w) in [0, 1] before its resize into the frame: unchanged here; a
+        subclass may normalise it (before the letterbox, so the fill does not count)."""
+        return image
 
     def _device(self):
         return resolve_device(self.device)

@@ -431,23 +431,10 @@ class StudentTeacherDetector(TrainedDetector):
         return nets
 
     # ------------------------------------------------------------------ images
-    def _frames(self, images, desc="decoding"):
-        """The base's frames, each image standardised first when ``normalize_images``
-        (before the letterbox, so the grey fill does not count)."""
-        if not self.normalize_images:
-            return super()._frames(images, desc)
-        geometry = self._geometry
-        images = images.for_geometry(geometry)
-        h, w = geometry.input_size
-        out = torch.empty((len(images), 3, h, w), dtype=torch.uint8)
-        bar = progress(total=len(images), desc=desc, unit="img",
-                       disable=desc is None or not self.verbose or len(images) < 2)
-        for i in range(len(images)):
-            frame = geometry.to_input(standardize_image(images.decode(i, geometry)))
-            out[i] = (frame.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-            bar.update(1)
-        bar.close()
-        return out
+    def _prepare(self, image):
+        """Each image standardised first when ``normalize_images`` (before the letterbox,
+        so the grey fill does not count)."""
+        return standardize_image(image) if self.normalize_images else image
 
     # ------------------------------------------------------------------ helpers
     def _normalise(self, x):
