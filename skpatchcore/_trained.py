@@ -26,7 +26,7 @@ scalars only), :meth:`_train` and :meth:`_anomaly` (scores and maps of a batch o
 from __future__ import annotations
 
 import contextlib
-import math
+import copy
 import threading
 from numbers import Integral, Real
 
@@ -37,10 +37,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import ThresholdMixin, check_fpr, contamination_offset  # noqa: F401
+from ._base import ThresholdMixin, contamination_offset
 from ._geometry import Geometry, check_sigma, upsample_maps
 from ._images import check_images
-from ._utils import labels_from_decision, progress, resolve_device
+from ._utils import as_one_array, progress, resolve_device
 from ._validation import normal_mask
 from .backbones import file_sha256, get_backbone_spec, load_backbone
 
@@ -54,10 +54,8 @@ _FROZEN = {}
 _FROZEN_LOCK = threading.Lock()
 
 
-def _as_list(maps):
-    if len({m.shape for m in maps}) == 1:
-        return np.stack(maps)
-    return maps
+def _on_cpu(net):
+    return all(t.device.type == "cpu" for t in net.state_dict().values())
 
 
 @contextlib.contextmanager
@@ -176,12 +174,11 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         key = (name, tuple(layers), str(device))
         with _FROZEN_LOCK:
             if key not in _FROZEN:
-                network, spec, _, path = load_backbone(name, layers, "imagenet")
+                network, _, _, path = load_backbone(name, layers, "imagenet")
                 for p in network.parameters():
                     p.requires_grad_(False)
-                norm = (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
-                        torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
-                _FROZEN[key] = (network.to(device).eval(), norm, path, file_sha256(path))
+                _FROZEN[key] = (network.to(device).eval(), self._normalisation(device), path,
+                                file_sha256(path))
             network, norm, path, sha = _FROZEN[key]
         known = self.__dict__.get("weights_sha256_")
         if known is not None and sha != known:
@@ -191,6 +188,13 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
                 "original weights or refit the model.")
         self.__dict__["_weights_sha256"] = sha
         return network, norm
+
+    def _normalisation(self, device):
+        """(mean, std), (1, 3, 1, 1) tensors on ``device``, of the pretrained network's input
+        (without loading the network)."""
+        spec = get_backbone_spec(self._pretrained[0])
+        return (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+                torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
 
     def _pretrained_channels(self):
         """Channels of each layer of the frozen network, in order."""
@@ -237,10 +241,12 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         if self._pretrained is not None:
             self._pretrained_network()
             self.weights_sha256_ = self.__dict__["_weights_sha256"]
+        training = frames[torch.as_tensor(kept)]
         with seeded(seed):
-            self._set_params_before_build(frames[torch.as_tensor(kept)])
+            self._set_params_before_build(training)
             self._nets = {k: v.to(device) for k, v in self._build().items()}
-            losses = self._train(frames[torch.as_tensor(kept)], rng)
+            losses = self._train(training, rng)
+        del training
         for net in self._nets.values():
             net.eval()
         self.train_loss_ = [float(v) for v in losses]
@@ -267,6 +273,28 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         ``bar.set_postfix(loss=...)`` after each epoch."""
         return progress(total=self.max_epochs, desc=f"{desc} {type(self).__name__}",
                         unit="epoch", disable=not self.verbose)
+
+    def _fit_epochs(self, desc, n, rng, optimizer, loss_of):
+        """The training loop: ``max_epochs`` passes over shuffled batches (:meth:`_batches`)
+        of ``n`` training items, one ``optimizer`` step on ``loss_of(indices)`` (a scalar
+        tensor, the batch's mean loss) per batch; returns the mean loss of each epoch,
+        shown on the progress bar as it goes."""
+        device = self._device()
+        losses = []
+        bar = self._epochs(desc)
+        for _ in range(self.max_epochs):
+            total = 0.0
+            for idx in self._batches(n, rng):
+                loss = loss_of(idx.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(idx)
+            losses.append(total / n)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.close()
+        return losses
 
     def _batches(self, n, rng):
         """Shuffled index batches of ``batch_size`` over ``n`` frames (the last one may be
@@ -383,7 +411,7 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         for start, s, grids in self._iter(images):
             scores[start : start + len(s)] = s
             maps += self.maps_to_images(grids, sizes[start : start + len(s)], sigma)
-        return scores, _as_list(maps)
+        return scores, as_one_array(maps)
 
     def predict_map(self, X, sigma=4.0):
         """Pixel anomaly maps on each image's own pixels (higher = more anomalous); see
@@ -400,11 +428,6 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         if isinstance(maps, list):
             return [m > threshold for m in maps]
         return maps > threshold
-
-    def predict(self, X):
-        """+1 for good images, -1 for defective ones (``decision_function(X) < 0``, or not a
-        number)."""
-        return labels_from_decision(self.decision_function(X))
 
     # ------------------------------------------------------------------ persistence
     def network_state(self):
@@ -434,20 +457,12 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: pickling must not strip this object
-        if "_nets" in state:
-            state["_nets"] = {k: v.to("cpu") for k, v in state["_nets"].items()}
+        if "_nets" in state:  # on the CPU, without moving this object's networks
+            state["_nets"] = {k: v if _on_cpu(v) else copy.deepcopy(v).to("cpu")
+                              for k, v in state["_nets"].items()}
         return state
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
-        tags.non_deterministic = False
         return tags
-
-
-def gaussian_kernel1d(sigma):
-    """A normalised 1-D Gaussian of standard deviation ``sigma`` (truncated at 4 sigma)."""
-    radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()

@@ -19,6 +19,14 @@ def check_writable(folder, who):
                          "choose a writable folder.") from None
 
 
+def as_one_array(maps):
+    """A list of maps -> one array when they share a shape, else the list (what
+    ``predict_map`` and ``score_and_map`` return for images of one size, or of several)."""
+    if len({m.shape for m in maps}) == 1:
+        return np.stack(maps)
+    return maps
+
+
 def labels_from_decision(decision):
     """+1 where ``decision >= 0`` (inlier), -1 elsewhere, NaN included: nothing that is not
     a number says "good". The one labelling rule of ``predict``, the CLI and the workers.

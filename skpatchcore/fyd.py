@@ -511,9 +511,8 @@ class FocusDistributionDetector(TrainedDetector):
                            for a in range(0, len(frames), SCORE_BATCH)])
         stn = self._nets["image_stn"].train()
         optimizer = torch.optim.Adam(stn.parameters(), lr=self.learning_rate)
-        losses = self._run_epochs(
-            "aligning", rng, len(frames), optimizer,
-            lambda idx: self._image_loss(stn, small[idx]))
+        losses = self._fit_epochs("aligning", len(frames), rng, optimizer,
+                                  lambda idx: self._image_loss(stn, small[idx]))
         stn.eval()
         with torch.no_grad():
             stn.center.copy_(torch.cat([stn.raw_small(small[a : a + SCORE_BATCH])
@@ -557,36 +556,13 @@ class FocusDistributionDetector(TrainedDetector):
             penalty = sum(r.pow(2).mean() for r in raws)
             return _non_contrastive_loss(predictor(z), z) + _PENALTY * penalty
 
-        losses = self._run_epochs("training", rng, n, optimizer, loss)
+        losses = self._fit_epochs("training", n, rng, optimizer, loss)
         feature_stn.eval()
         adapter.eval()
         with torch.no_grad():
             for k, stn in enumerate(feature_stn.stns):
                 stn.center.copy_(torch.cat([stn.raw(fmaps[k][a : a + SCORE_BATCH])
                                             for a in range(0, n, SCORE_BATCH)]).mean(0))
-        return losses
-
-    def _run_epochs(self, desc, rng, n, optimizer, loss_of):
-        """``max_epochs`` passes over shuffled batches of ``n`` training items; the mean
-        loss of each."""
-        device = self._device()
-        losses = []
-        bar = self._epochs(desc)
-        for _ in range(self.max_epochs):
-            total, count = 0.0, 0
-            for idx in self._batches(n, rng):
-                if len(idx) < 2:  # both losses compare the images of a batch
-                    continue
-                loss = loss_of(idx.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-            losses.append(total / count)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        bar.close()
         return losses
 
     def _rows(self, e):

@@ -403,23 +403,12 @@ class DistillationDetector(TrainedDetector):
         targets = [torch.cat(t) for t in zip(*targets, strict=True)]
         cloner = self._nets["cloner"].train()
         optimizer = torch.optim.Adam(cloner.parameters(), lr=self.learning_rate)
-        losses = []
-        bar = self._epochs()
-        for _ in range(self.max_epochs):
-            total, count = 0.0, 0
-            for idx in self._batches(len(frames), rng):
-                x = self._input(frames[idx], device, mean, std)
-                loss = self._losses(cloner(x), [t[idx.to(t.device)] for t in targets]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            losses.append(total / count)
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        bar.close()
-        return losses
+
+        def loss_of(idx):
+            x = self._input(frames[idx.cpu()], device, mean, std)
+            return self._losses(cloner(x), [t[idx.to(t.device)] for t in targets]).mean()
+
+        return self._fit_epochs("training", len(frames), rng, optimizer, loss_of)
 
     # ------------------------------------------------------------------ scoring
     def _anomaly_scores(self, x):

@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._base import SCORE_CHUNK_ROWS
 from ._geometry import check_sigma
 from ._images import check_images
+from ._utils import as_one_array
 from .coreset import CoresetSampler
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor
@@ -34,13 +35,6 @@ def _final_has(name):
         return True
 
     return check
-
-
-def _as_one_array(maps):
-    """A list of maps -> one array when they share a shape, else the list."""
-    if len({m.shape for m in maps}) == 1:
-        return np.stack(maps)
-    return maps
 
 
 def score_chunk_size(extractor):
@@ -109,7 +103,7 @@ class PatchCorePipeline(Pipeline):
         extractor = self._extractor()
         images = check_images(X)
         scores, grids = self._final_estimator.score_and_map(self._features(images))
-        return scores, _as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
+        return scores, as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
 
     @available_if(_final_has("score_and_map"))
     def iter_score_and_grids(self, X, chunk_size=None):
@@ -181,7 +175,7 @@ class PatchCorePipeline(Pipeline):
         extractor = self._extractor()
         images = check_images(X)
         grids = self._final_estimator.predict_map(self._features(images))
-        return _as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
+        return as_one_array(extractor.maps_to_images(grids, images.sizes(), sigma))
 
     @available_if(_final_has("calibrate"))
     def calibrate(self, X, fpr=0.01):

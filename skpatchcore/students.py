@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from sklearn.utils._param_validation import Interval
 from torch import nn
 
-from ._trained import TrainedDetector, gaussian_kernel1d
+from ._geometry import upsample_maps
+from ._trained import TrainedDetector
 from ._utils import progress
-from .backbones import get_backbone_spec
 
 __all__ = ["StudentTeacherDetector"]
 
@@ -438,9 +438,7 @@ class StudentTeacherDetector(TrainedDetector):
 
     # ------------------------------------------------------------------ helpers
     def _normalise(self, x):
-        spec = get_backbone_spec(_BACKBONE)
-        mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(x.device)
         return (x - mean) / std
 
     @staticmethod
@@ -658,13 +656,7 @@ class StudentTeacherDetector(TrainedDetector):
                 if self.n_students > 1:
                     total += ((v - float(self.variance_stats_[k, 0]))
                               / float(self.variance_stats_[k, 1]))
-            maps = total / len(sizes)
-            kernel = gaussian_kernel1d(_SCORE_SIGMA).to(x.device)
-            r = len(kernel) // 2
-            smooth = maps[:, None]
-            smooth = F.conv2d(F.pad(smooth, [r, r, 0, 0], mode="replicate"),
-                              kernel.view(1, 1, 1, -1))
-            smooth = F.conv2d(F.pad(smooth, [0, 0, r, r], mode="replicate"),
-                              kernel.view(1, 1, -1, 1))
-            scores = smooth.flatten(1).amax(1)
-        return scores.double().cpu().numpy(), maps.float().cpu().numpy()
+            maps = (total / len(sizes)).float().cpu().numpy()
+        # the maximum of the map smoothed as the maps are (upsample_maps, at its own size)
+        scores = upsample_maps(maps, maps.shape[-2:], _SCORE_SIGMA).max(axis=(1, 2))
+        return scores.astype(np.float64), maps
