@@ -31,7 +31,7 @@ import numpy as np
 
 from ._utils import labels_from_decision
 from ._version import __version__
-from .methods import METHOD_OF_CLASS, final_estimator
+from .methods import METHOD_OF_CLASS, final_estimator, is_trained
 
 __all__ = ["ReportItem", "evaluation_report", "predict_report", "threshold_source",
            "write_report"]
@@ -86,7 +86,7 @@ def _model_rows(pipe):
     detector = final_estimator(pipe)
     name = type(detector).__name__
     rows = [("Method", f"{METHOD_OF_CLASS.get(name, name)} ({name})")]
-    if hasattr(detector, "network_state") and hasattr(detector, "max_epochs"):
+    if is_trained(detector):
         rows.append(("Training", f"image size {detector.image_size} ({detector.resize_mode}), "
                                  f"{detector.n_epochs_} epochs on {detector.n_train_images_} "
                                  f"good images, {detector.n_validation_images_} held out"))

@@ -208,7 +208,9 @@ def _cmd_predict(args):
                          "off; drop one of them.")
     model = _load_for_predict(args.model)
     if args.scheduler and not hasattr(model, "steps"):
-        if hasattr(model, "network_state"):
+        from .methods import is_trained
+
+        if is_trained(model):
             raise ValueError(f"--scheduler scores patchcore, spade and padim models on a Dask "
                              f"cluster; {args.model} holds a {type(model).__name__}, which "
                              "predict scores on this machine: drop --scheduler.")

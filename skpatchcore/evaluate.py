@@ -29,7 +29,7 @@ from ._options import (
 )
 from ._utils import check_writable
 from .datasets import load_masks, load_mvtec
-from .methods import check_model, make_model, pixel_threshold
+from .methods import check_model, is_trained, make_model, pixel_threshold
 from .metrics import aupro, image_auroc, pixel_auroc
 
 __all__ = ["evaluate", "main"]
@@ -136,7 +136,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "peak_rss_mb": _peak_rss_mb(),
         "sigma": sigma,
         "params": {k: v for k, v in pipe.get_params().items()
-                   if "__" in k or not hasattr(pipe, "steps")},
+                   if "__" in k or is_trained(pipe)},
     }
     # each defect type against the good test images: that type's images and the good ones
     good = types == "good"

@@ -33,6 +33,7 @@ from ._version import __version__
 from .backbones import file_sha256
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor
+from .methods import is_trained
 
 __all__ = ["export_onnx"]
 
@@ -54,7 +55,7 @@ def _onnx():
 
 def _parts(model):
     """(FeatureExtractor, PatchCoreDetector) of a fitted pipeline; ValueError otherwise."""
-    if hasattr(model, "network_state") and hasattr(model, "max_epochs"):
+    if is_trained(model):
         raise ValueError(
             f"export_onnx supports PatchCoreDetector pipelines; {type(model).__name__} (a "
             "trained method) cannot be exported yet: score it with the library ('skpatchcore "

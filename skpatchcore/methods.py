@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["METHODS", "METHOD_OF_CLASS", "TRAINED_METHODS", "check_model", "final_estimator",
-           "make_model", "map_geometry", "method_of", "pixel_threshold"]
+           "is_trained", "make_model", "map_geometry", "method_of", "pixel_threshold"]
 
 #: method name -> (module, class) of the methods that train networks.
 TRAINED_METHODS = {
@@ -105,6 +105,12 @@ def map_geometry(model):
     if hasattr(model, "steps"):
         return model._extractor()._geometry
     return model._geometry
+
+
+def is_trained(model):
+    """Whether a model is one of the trained methods (an estimator from images, not a
+    pipeline of features)."""
+    return method_of(model) in TRAINED_METHODS
 
 
 def method_of(model):
