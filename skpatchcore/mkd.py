@@ -145,11 +145,13 @@ class DistillationDetector(TrainedDetector):
         weights and 119 M multiply-adds.
     direction_weight : float >= 0, default=100.0
         lambda, the weight of the direction loss against the value loss (0: value loss
-        only). At 100 the two terms are of the same order once the cloner is trained (on
-        good tire images after 60 epochs: value losses 6.6, 4.9, 3.2 and 0.7 over the four
-        layers, direction losses 0.097, 0.077, 0.045 and 0.036, so 15.4 against 25.4); on
-        150 MTD images (60 epochs) it gave image / pixel AUROC 0.856 / 0.830 against
-        0.813 / 0.824 at 20, and 20 epochs gave 0.744 / 0.792 at 1. See Notes.
+        only). At 100 the two terms are of the same order once the cloner is trained (the
+        value loss is a mean square of activations, a few units per layer, the direction
+        loss one minus a cosine, a few hundredths per layer); on a random subset of
+        MTD (150 training, 100 test images) image / pixel AUROC were 0.882 / 0.738 at
+        100, 0.854 / 0.728 at 20 and 0.823 / 0.710 at 1 (``python
+        benchmarks/trained_subset.py ../shared/datasets/mtd --method mkd --param
+        direction_weight=100``, and so on; docs/benchmarks.md). See Notes.
     attribution : {'gradient', 'guided', 'smoothgrad'}, default='gradient'
         How the map is computed: 'gradient' is vanilla backpropagation of the loss to the
         image; 'guided' is guided backpropagation through the cloner's ReLUs (the source's
@@ -173,8 +175,8 @@ class DistillationDetector(TrainedDetector):
         ratio keep all their pixels); 'letterbox' keeps the aspect ratio and pads.
     max_epochs : int, default=80
         The fixed number of passes over the training images (no early stopping, no
-        schedule). 80 epochs of the 571 images kept of MTD's 634 take 7 to 8 minutes on
-        one CPU core (see Notes): 2 900 steps of 16 images, against the paper's 601
+        schedule). 80 epochs of the 571 images kept of MTD's 634 (the whole fit: 246 s
+        on an idle 2-core CPU, see Notes) are 2 900 steps of 16 images, against the paper's 601
         epochs of a few hundred images in batches of 64 on a GPU (a similar number of
         steps).
     batch_size : int, default=16
@@ -239,8 +241,8 @@ class DistillationDetector(TrainedDetector):
       other data sets, i.e. direction_weight = 2 and 100 in the paper's form, for VGG
       activations. The value loss depends on the scale of the source's activations, so
       the weight does not carry over from VGG; on EfficientNet-Lite0's (mean squares of 30,
-      30, 21 and 4 at the default layers on MTD) 100 was the best of 1, 20 and 100 (see
-      ``direction_weight``).
+      30, 21 and 4 at the default layers on MTD) 100 was the best of 1, 20 and 100 on an
+      MTD subset (see ``direction_weight``).
     * Training budget: a fixed ``max_epochs`` (80, for the CPU) instead of 601, Adam at the
       paper's 1e-3, batches of 16. The source's activations of the training images are
       computed once (they do not change: no augmentation, as in the paper) and kept in
@@ -259,16 +261,16 @@ class DistillationDetector(TrainedDetector):
     * The threshold ``offset_`` comes from held-out good images (the paper reports AUROC
       only).
 
-    Fit time: the cloner's training steps dominate. Measured with one CPU thread (CPU
-    time, on a shared 2-core machine, two runs): 8.9-9.8 ms per image per training step at
-    128 px, 8.7-11.3 ms for the source's activations, 2.5-2.7 ms to decode an MTD image,
-    11-13 ms to score one without a map. Fitting the 634 MTD images (571 trained on, 63
-    held out) is then about 634 x 2.7 ms + 571 x 11.3 ms + 80 x 571 x (8.9 to 9.8) ms +
-    63 x (13 + 38) ms = 1.7 + 6.5 + (407 to 448) + 3.2 s, 7 to 7.7 minutes on one core;
-    a second idle core shortens it. Scoring with maps needs a forward and a backward pass
-    through both networks (the gradient): 30-38 ms of CPU time per image
-    (``smoothgrad_samples`` times that with ``attribution='smoothgrad'``);
-    :meth:`score_samples` skips the backward pass.
+    Cost and accuracy at the defaults, on all of MTD (634 training images, 571 trained on
+    and 63 held out; 710 test images) on an otherwise idle 2-core CPU: fit 246 s (the
+    cloner's training steps take most of it; the source's activations of the training
+    images are computed once), 21 ms per test image with its map (a forward and a
+    backward pass through both networks; :meth:`score_samples` skips the backward pass,
+    ``attribution='smoothgrad'`` multiplies the map's cost by ``smoothgrad_samples``), peak
+    RSS 1.7 GB; image AUROC 0.885, pixel AUROC 0.752, AUPRO@0.3 0.575 (``python -m
+    skpatchcore.evaluate ../shared/datasets/mtd --method mkd``; docs/benchmarks.md, "Every
+    method on MTD"). Fit time grows linearly with ``max_epochs`` and the number of images,
+    and with the square of ``image_size``.
 
     References
     ----------
