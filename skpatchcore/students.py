@@ -329,9 +329,10 @@ class StudentTeacherDetector(TrainedDetector):
     AUROC 0.501, pixel AUROC 0.655, AUPRO@0.3 0.508, i.e. **the image score is at chance**
     (``python -m skpatchcore.evaluate ../shared/datasets/mtd --method students``; the row of
     docs/benchmarks.md, "Every method on MTD"). On a random MTD subset neither the
-    teachers' distillation (against random teachers) nor four times the student epochs
-    changes that (``benchmarks/trained_subset.py``, docs/benchmarks.md): the cause is not
-    the training budget and is not found yet. Not usable as it stands; kept for comparison
+    teachers' distillation (against random teachers), nor four times the student epochs,
+    nor twice the ``width`` changes that (``benchmarks/trained_subset.py``,
+    docs/benchmarks.md): the cause is not the training budget or the capacity and is not
+    found yet. Not usable as it stands; kept for comparison
     and further work.
 
     References
