@@ -97,6 +97,7 @@ def test_fit_predict_other_methods(folders, tmp_path, method):
 @pytest.mark.parametrize(("method", "options"), [
     ("mkd", ["--image-size", "64", "--max-epochs", "2"]),
     ("fyd", ["--image-size", "64", "--max-epochs", "1"]),
+    ("students", ["--image-size", "64", "--max-epochs", "1"]),
 ])
 def test_fit_predict_trained_methods(folders, tmp_path, method, options, capsys):
     path = tmp_path / f"{method}.npz"
@@ -104,7 +105,8 @@ def test_fit_predict_trained_methods(folders, tmp_path, method, options, capsys)
                  "--quiet", *options]) == 0
     model = load_model(path)
     assert type(model).__name__ == {"mkd": "DistillationDetector",
-                                    "fyd": "FocusDistributionDetector"}[method]
+                                    "fyd": "FocusDistributionDetector",
+                                    "students": "StudentTeacherDetector"}[method]
     assert model.image_size == 64 and model.n_epochs_ == int(options[-1])
     out = tmp_path / "out"
     assert main(["predict", str(path), str(folders / "new"), "--out", str(out),
