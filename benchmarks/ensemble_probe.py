@@ -5,15 +5,16 @@
 
 For each dataset root (MVTec layout), the good training images are split once with
 ``numpy.random.RandomState(0)``: ``--holdout`` of them (at least two) are held out, every
-member is fitted on the rest (``make_model(method, random_state=0, **params)``) and scores
-the held-out images and the test images (maps at each image's pixels, ``sigma`` 4). Each
-member's image scores (sign flipped: higher = more abnormal) and map values are standardised
-by the mean and std of its *held-out good images* (maps: over their pixels), so that members
-in different units can be averaged, and the ensemble is the mean of the standardised
-members. Nothing here looks at test labels except the metrics. Prints, per dataset, each
-member alone and the ensemble: image AUROC, pixel AUROC, AUPRO@0.3, and fit and score
-seconds (the ensemble's are the members' sums). The members are fitted on the kept part
-only, so a member's figures can differ from ``evaluate``'s on the whole training set.
+member is fitted on the rest (``make_model(method, random_state=0, **params)``; a member may
+set its own ``random_state``) and scores the held-out images and the test images (maps at
+each image's pixels, ``sigma`` 4). Each member's image scores (sign flipped: higher = more
+abnormal) and map values are standardised by the mean and std of its *held-out good images*
+(maps: over their pixels), so that members in different units can be averaged, and the
+ensemble is the mean of the standardised members. Nothing here looks at test labels except
+the metrics. Prints, per dataset, each member alone and the ensemble: image AUROC, pixel
+AUROC, AUPRO@0.3, and fit and score seconds (the ensemble's are the members' sums). The
+members are fitted on the kept part only, so a member's figures can differ from
+``evaluate``'s on the whole training set.
 
 A member is ``METHOD[:NAME=VALUE,NAME=VALUE]`` with Python literals (``backbone`` is a
 string): the default members are PatchCore on EfficientNet-Lite0, -Lite1 and -Lite2 with
@@ -93,7 +94,7 @@ def main(argv=None):
         rows, z_scores, z_maps = [], [], []
         total_fit = total_score = 0.0
         for method, params in members:
-            model = make_model(method, random_state=0, **params)
+            model = make_model(method, **{"random_state": 0, **params})
             start = time.perf_counter()
             model.fit(kept)
             fit_s = time.perf_counter() - start
