@@ -25,13 +25,13 @@ paper's best result being an ensemble of three backbones.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from trained_subset import parse_param  # benchmarks/, the script's own folder
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -42,16 +42,7 @@ DEFAULT_MEMBERS = tuple(f"patchcore:backbone=efficientnet_lite{i},sampling_ratio
 def parse_member(text):
     """'patchcore:backbone=efficientnet_lite0,image_size=384' -> ('patchcore', {...})."""
     method, _, rest = text.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        name, _, value = item.partition("=")
-        if not name.isidentifier() or not value:
-            raise argparse.ArgumentTypeError(f"member parameters are NAME=VALUE, got {item!r}")
-        try:
-            params[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            params[name] = value
-    return method, params
+    return method, dict(parse_param(item) for item in filter(None, rest.split(",")))
 
 
 def standardise(values, reference):

@@ -25,10 +25,11 @@ import time
 import numpy as np
 
 
-def _param(text):
+def parse_param(text):
+    """'NAME=VALUE' -> (name, value): a Python literal, else the string itself."""
     name, _, value = text.partition("=")
     if not name.isidentifier() or not value:
-        raise argparse.ArgumentTypeError(f"--param takes NAME=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"parameters are NAME=VALUE, got {text!r}")
     try:
         return name, ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -42,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--method", required=True)
     parser.add_argument("--n-train", type=int, default=150)
     parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--param", type=_param, action="append", default=[])
+    parser.add_argument("--param", type=parse_param, action="append", default=[])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
