@@ -240,9 +240,8 @@ class DistillationDetector(TrainedDetector):
       computes ``direction + lamda * value`` with lamda = 0.5 on MVTec AD and 0.01 on the
       other data sets, i.e. direction_weight = 2 and 100 in the paper's form, for VGG
       activations. The value loss depends on the scale of the source's activations, so
-      the weight does not carry over from VGG; on EfficientNet-Lite0's (mean squares of 30,
-      30, 21 and 4 at the default layers on MTD) 100 was the best of 1, 20 and 100 on an
-      MTD subset (see ``direction_weight``).
+      the weight does not carry over from VGG; on EfficientNet-Lite0's activations 100 was
+      the best of 1, 20 and 100 on an MTD subset (see ``direction_weight``).
     * Training budget: a fixed ``max_epochs`` (80, for the CPU) instead of 601, Adam at the
       paper's 1e-3, batches of 16. The source's activations of the training images are
       computed once (they do not change: no augmentation, as in the paper) and kept in
