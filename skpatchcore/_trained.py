@@ -268,11 +268,12 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
     def _set_params_before_build(self, frames):
         """Fitted scalars computed from the training frames that :meth:`_build` needs."""
 
-    def _epochs(self, desc="training"):
-        """A progress bar over epochs whose postfix shows the loss: ``bar.update(1)`` and
-        ``bar.set_postfix(loss=...)`` after each epoch."""
-        return progress(total=self.max_epochs, desc=f"{desc} {type(self).__name__}",
-                        unit="epoch", disable=not self.verbose)
+    def _epochs(self, desc="training", total=None):
+        """A progress bar over ``total`` epochs (default ``max_epochs``) whose postfix shows
+        the loss: ``bar.update(1)`` and ``bar.set_postfix(loss=...)`` after each epoch."""
+        return progress(total=self.max_epochs if total is None else total,
+                        desc=f"{desc} {type(self).__name__}", unit="epoch",
+                        disable=not self.verbose)
 
     def _fit_epochs(self, desc, n, rng, optimizer, loss_of):
         """The training loop: ``max_epochs`` passes over shuffled batches (:meth:`_batches`)

@@ -13,7 +13,6 @@ from torch import nn
 
 from ._geometry import upsample_maps
 from ._trained import TrainedDetector
-from ._utils import progress
 
 __all__ = ["StudentTeacherDetector"]
 
@@ -532,8 +531,7 @@ class StudentTeacherDetector(TrainedDetector):
         teachers = {p: self._nets[f"teacher{p}"].train() for p in sizes}
         optimisers = {p: self._optimizer([teachers[p], decoders[p]]) for p in sizes}
         losses = []
-        bar = progress(total=self.teacher_epochs, desc=f"training teachers of "
-                       f"{type(self).__name__}", unit="epoch", disable=not self.verbose)
+        bar = self._epochs("training teachers of", self.teacher_epochs)
         for _ in range(self.teacher_epochs):
             total, count = 0.0, 0
             for idx in self._batches(len(frames), rng):
