@@ -12,6 +12,7 @@ from ._version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {
+    "AnomalyEnsemble": "ensemble",
     "CoresetSampler": "coreset",
     "DistillationDetector": "mkd",
     "FeatureExtractor": "features",
@@ -26,6 +27,7 @@ _PUBLIC = {
     "export_onnx": "export",
     "load_model": "persistence",
     "make_anomaly_pipeline": "pipeline",
+    "make_ensemble": "ensemble",
     "make_model": "methods",
     "make_patchcore": "pipeline",
     "save_model": "persistence",
@@ -33,6 +35,7 @@ _PUBLIC = {
 }
 
 __all__ = [
+    "AnomalyEnsemble",
     "CoresetSampler",
     "DistillationDetector",
     "FeatureExtractor",
@@ -48,6 +51,7 @@ __all__ = [
     "export_onnx",
     "load_model",
     "make_anomaly_pipeline",
+    "make_ensemble",
     "make_model",
     "make_patchcore",
     "save_model",
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from ._images import set_max_image_pixels
     from .coreset import CoresetSampler
     from .detector import PatchCoreDetector
+    from .ensemble import AnomalyEnsemble, make_ensemble
     from .export import export_onnx
     from .features import FeatureExtractor
     from .fyd import FocusDistributionDetector

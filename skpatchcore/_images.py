@@ -553,6 +553,8 @@ class ImageList:
         self._items = items
         self._kind = kind
         self._geometry = geometry
+        # each item's place in the collection the user passed: ``offset + i``, or a list of
+        # places after :meth:`select`
         self._offset = offset
 
     def __len__(self):
@@ -560,9 +562,14 @@ class ImageList:
 
     def name(self, i):
         item = self._items[i]
+        place = self._place(i)
         if isinstance(item, str | os.PathLike):
-            return f"X[{i + self._offset}] ({os.fspath(item)!r})"
-        return f"X[{i + self._offset}]"
+            return f"X[{place}] ({os.fspath(item)!r})"
+        return f"X[{place}]"
+
+    def _place(self, i):
+        offset = self._offset
+        return offset[i] if isinstance(offset, list) else i + offset
 
     def for_geometry(self, geometry):
         """The same images, whose ``[i]`` is ``decode(i, geometry)``.
@@ -581,8 +588,16 @@ class ImageList:
     def take(self, start, stop):
         """Images ``start`` to ``stop - 1`` as an ImageList whose messages keep their place
         in this one (``X[start]`` ...) and which shrinks as this one does."""
+        offset = self._offset
         return ImageList(self._items[start:stop], self._kind, self._geometry,
-                         self._offset + start)
+                         offset[start:stop] if isinstance(offset, list) else offset + start)
+
+    def select(self, indices):
+        """The images at ``indices`` (in that order) as an ImageList whose messages keep
+        their place in this one and which shrinks as this one does."""
+        indices = [int(i) for i in indices]
+        return ImageList([self._items[i] for i in indices], self._kind, self._geometry,
+                         [self._place(i) for i in indices])
 
     def __getitem__(self, i):
         return self.decode(i)

@@ -73,18 +73,33 @@ def threshold_source(detector):
         return (f"calibrated{on} for a false-positive rate of {fpr:g} "
                 "('skpatchcore fit --calibrate')")
     contamination = getattr(detector, "contamination", None)
+    held = getattr(detector, "n_validation_images_", None)
+    images = ("leave-one-out anomaly scores of the good training images" if held is None
+              else f"anomaly scores of the {held} held-out good training images")
     if contamination == "auto":
-        return ("fitted by contamination='auto': Tukey's fence (Q3 + 1.5 IQR) on the "
-                "leave-one-out anomaly scores of the good training images")
+        return f"fitted by contamination='auto': Tukey's fence (Q3 + 1.5 IQR) on the {images}"
     if contamination is not None:
-        return (f"fitted by contamination={contamination:g}: about {contamination:.1%} of the "
-                "good training images score above it (leave-one-out)")
+        which = ("good training images score above it (leave-one-out)" if held is None
+                 else f"the {held} held-out good training images score above it")
+        return f"fitted by contamination={contamination:g}: about {contamination:.1%} of {which}"
     return "the model's offset_"
 
 
 def _model_rows(pipe):
     detector = final_estimator(pipe)
     name = type(detector).__name__
+    if hasattr(detector, "members_"):  # an AnomalyEnsemble: one row per member
+        rows = [("Method", f"ensemble of {len(detector.members_)} models ({name}): the mean "
+                           "of their standardised scores and maps"),
+                ("Training", f"members fitted on {detector.n_train_images_} good images; "
+                             f"{detector.n_validation_images_} held out set their units")]
+        for (member_name, _), member in zip(detector.members, detector.members_,
+                                             strict=True):
+            described = dict(_model_rows(member))
+            rows.append((f"Member {member_name}", "; ".join(
+                described.get(key, "") for key in ("Method", "Backbone", "Training")
+                if key in described)))
+        return rows
     rows = [("Method", f"{METHOD_OF_CLASS.get(name, name)} ({name})")]
     if is_trained(detector):
         rows.append(("Training", f"image size {detector.image_size} ({detector.resize_mode}), "

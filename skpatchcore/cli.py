@@ -99,6 +99,9 @@ def _cmd_fit(args):
     if args.scheduler and args.method != "patchcore":
         raise ValueError(f"--scheduler fits --method patchcore only (got {args.method}); "
                          "fit other methods on this machine.")
+    if args.scheduler and args.ensemble:
+        raise ValueError("--scheduler fits one PatchCore model, not --ensemble; drop one of "
+                         "them.")
     path = _model_destination(args.output)
     pipe = make_model(args.method, **model_params(args), contamination=args.contamination,
                       verbose=not args.quiet)
@@ -116,7 +119,9 @@ def _cmd_fit(args):
         pipe.calibrate(normal, fpr=args.fpr)
         _say(args, f"threshold calibrated on {len(normal)} normal images for FPR {args.fpr}")
     path = _save_or_keep(pipe, path, args)
-    _say(args, f"fitted {args.method} on {len(train)} images in {seconds:.1f} s; "
+    what = f"an ensemble of {len(pipe.members)} {args.method} models" if args.ensemble \
+        else args.method
+    _say(args, f"fitted {what} on {len(train)} images in {seconds:.1f} s; "
                f"model written to {path}")
     return 0
 
@@ -185,12 +190,19 @@ def _load_for_predict(path):
     if is_onnx_file(path):
         return OnnxModel(path)
     from ._trained import TrainedDetector
+    from .ensemble import AnomalyEnsemble
     from .persistence import load_model
     from .pipeline import PatchCorePipeline
 
     model = load_model(path, require_detector=True)
     if isinstance(model, TrainedDetector):
         model.verbose = False  # one progress bar per phase instead (_predict_into)
+        return model
+    if isinstance(model, AnomalyEnsemble):
+        for member in model.members_:
+            for step in getattr(member, "steps", [(None, member)]):
+                if hasattr(step[1], "verbose"):
+                    step[1].verbose = False
         return model
     if not isinstance(model, PatchCorePipeline):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a model made by "
@@ -210,6 +222,10 @@ def _cmd_predict(args):
     if args.scheduler and not hasattr(model, "steps"):
         from .methods import is_trained
 
+        if hasattr(model, "members_"):
+            raise ValueError(f"--scheduler scores single patchcore, spade and padim models on "
+                             f"a Dask cluster; {args.model} holds an ensemble, which predict "
+                             "scores on this machine: drop --scheduler.")
         if is_trained(model):
             raise ValueError(f"--scheduler scores patchcore, spade and padim models on a Dask "
                              f"cluster; {args.model} holds a {type(model).__name__}, which "
@@ -358,6 +374,49 @@ class _OnnxScores:
         return lambda y0, y1: amap[y0:y1]
 
 
+class _EnsembleScores:
+    """Pass 1 of ``predict`` with an :class:`~skpatchcore.AnomalyEnsemble`: scores
+    ``_ENSEMBLE_CHUNK`` images at a time, with every member's maps on the images' pixels
+    kept only as colour-scale samples (the members' grids have different frames, so there is
+    no one grid to keep); :meth:`map_rows` runs the ensemble again for one image, so that
+    memory does not grow with the number of images."""
+
+    def __init__(self, model, images, quiet, with_maps):
+        from ._utils import progress
+        from ._visualize import colour_scale_sample
+
+        self.description = model
+        self.offset = model.offset_
+        self.pixel_threshold = model.pixel_threshold_
+        self._model = model
+        self._images = images
+        n = len(images)
+        self.scores = np.empty(n, dtype=np.float64)
+        self._samples = []
+        bar = progress(total=n, desc="scoring", unit="img", disable=quiet)
+        for first in range(0, n, _ENSEMBLE_CHUNK):
+            part = images.take(first, first + _ENSEMBLE_CHUNK)
+            if with_maps:
+                scores, maps = model.score_and_map(part, sigma=_SIGMA)
+                self._samples += [colour_scale_sample(m, _SCALE_SAMPLE) for m in maps]
+            else:
+                scores = model.score_samples(part)
+            self.scores[first : first + len(scores)] = scores
+            bar.update(len(scores))
+        bar.close()
+
+    def scale_sample(self, i):
+        return self._samples[i]
+
+    def map_rows(self, i):
+        amap = self._model.predict_map(self._images.take(i, i + 1), sigma=_SIGMA)[0]
+        return lambda y0, y1: amap[y0:y1]
+
+
+#: Images per chunk of ``predict`` with an ensemble.
+_ENSEMBLE_CHUNK = 16
+
+
 def _predict_into(model, paths, out, args):
     """Score ``paths`` and write scores.csv, overlays, masks and report.html into ``out``;
     returns the number of images labelled -1.
@@ -368,7 +427,8 @@ def _predict_into(model, paths, out, args):
     (2) with ``--no-images`` off, image by image: its map, at full resolution a band of rows
     at a time, written into its mask and overlay as it goes. No full-resolution map of the
     library's ever exists whole; the largest allocation is the decoded image file (see
-    docs/cli.md, "Memory"), or, for an exported model, one image's map from the graph."""
+    docs/cli.md, "Memory"), or, for an exported model, one image's map from the graph, or,
+    for an ensemble (:class:`_EnsembleScores`), one chunk's maps."""
     from ._images import check_images
     from ._onnx import OnnxModel
     from ._utils import labels_from_decision, progress
@@ -379,6 +439,8 @@ def _predict_into(model, paths, out, args):
     n = len(images)
     if isinstance(model, OnnxModel):
         scored = _OnnxScores(model, images, args.quiet, with_maps=not args.no_images)
+    elif hasattr(model, "members_"):
+        scored = _EnsembleScores(model, images, args.quiet, with_maps=not args.no_images)
     else:
         chunks = _cluster_chunks(model, paths, args.scheduler) if args.scheduler else None
         scored = _PipelineScores(model, images, args.quiet, chunks)

@@ -42,7 +42,7 @@ def _peak_rss_mb():
 
 def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_maps=None,
              sigma=4.0, skip_missing_masks=False, return_model=False, report=None,
-             embed=False, **params):
+             embed=False, ensemble=False, **params):
     """Fit on ROOT/train/good, score ROOT/test, and compute the field's metrics.
 
     Parameters
@@ -73,6 +73,9 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         and the overlays it shows (``report/overlays``). Checked writable before the fit.
     embed : bool, default=False
         Embed the overlays in ``report.html`` as data URIs instead of linking them.
+    ensemble : bool, default=False
+        'patchcore' only: fit :func:`~skpatchcore.make_ensemble`'s two models and average
+        their standardised scores and maps.
     **params
         Pipeline parameters for :func:`make_patchcore` (``image_size``, ``sampling_ratio``...).
 
@@ -106,7 +109,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
                 f"Defect type {str(t)!r} has no ground-truth mask in "
                 f"{str(data.root / 'ground_truth' / t)!r}; pixel metrics need them. Add the "
                 "masks (<image stem>_mask.png) or remove the type from test/.")
-    pipe = make_model(method, **params)
+    pipe = make_model(method, ensemble=ensemble, **params)
     check_model(pipe)  # the options before any image is read
     start = time.perf_counter()
     pipe.fit(data.train)
@@ -135,8 +138,10 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "ms_per_image": 1000.0 * score_seconds / len(data.test),
         "peak_rss_mb": _peak_rss_mb(),
         "sigma": sigma,
+        "ensemble": bool(ensemble),
         "params": {k: v for k, v in pipe.get_params().items()
-                   if "__" in k or is_trained(pipe)},
+                   if ("__" in k or is_trained(pipe) or ensemble)
+                   and not hasattr(v, "get_params")},
     }
     # each defect type against the good test images: that type's images and the good ones
     good = types == "good"

@@ -38,13 +38,17 @@ def trained_class(method):
     return getattr(importlib.import_module(module), name)
 
 
-def make_model(method="patchcore", **params):
+def make_model(method="patchcore", *, ensemble=False, **params):
     """An unfitted model of ``method``, with parameters by plain name.
 
     Parameters
     ----------
     method : str, default='patchcore'
         One of :data:`METHODS`.
+    ensemble : bool, default=False
+        'patchcore' only: :func:`~skpatchcore.make_ensemble`, two PatchCore pipelines whose
+        standardised scores and maps are averaged (``params`` go to both members, or to the
+        ensemble for its own parameters).
     **params
         For 'patchcore', 'spade' and 'padim', parameters of the pipeline's steps (see
         :func:`~skpatchcore.make_anomaly_pipeline`); for the trained methods, the
@@ -52,7 +56,7 @@ def make_model(method="patchcore", **params):
 
     Returns
     -------
-    model : PatchCorePipeline or TrainedDetector
+    model : PatchCorePipeline, TrainedDetector or AnomalyEnsemble
 
     Examples
     --------
@@ -62,6 +66,12 @@ def make_model(method="patchcore", **params):
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {list(METHODS)}.")
+    if ensemble:
+        if method != "patchcore":
+            raise ValueError(f"ensemble=True combines PatchCore models, not {method!r}.")
+        from .ensemble import make_ensemble
+
+        return make_ensemble(**params)
     if method not in TRAINED_METHODS:
         from .pipeline import make_anomaly_pipeline
 
@@ -76,8 +86,10 @@ def make_model(method="patchcore", **params):
 
 def check_model(model):
     """Check a model's parameters quickly, before any image is read (the feature options
-    load the network, which finds a missing weights file)."""
-    if hasattr(model, "steps"):
+    load the network, which finds a missing weights file); an ensemble's members too."""
+    if hasattr(model, "_check_before_fit"):  # an AnomalyEnsemble
+        model._check_before_fit()
+    elif hasattr(model, "steps"):
         model[0].fit()
         for _, step in model.steps[1:]:
             step._validate_params()

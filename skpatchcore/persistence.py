@@ -74,6 +74,7 @@ def _classes():
     names it (:func:`_class`)."""
     from .coreset import CoresetSampler
     from .detector import PatchCoreDetector
+    from .ensemble import AnomalyEnsemble
     from .features import FeatureExtractor
     from .methods import TRAINED_METHODS
     from .padim import PaDiMDetector
@@ -82,7 +83,7 @@ def _classes():
 
     classes = {c.__name__: c for c in (FeatureExtractor, CoresetSampler, PatchCoreDetector,
                                        SPADEDetector, PaDiMDetector, PatchCorePipeline,
-                                       Pipeline)}
+                                       Pipeline, AnomalyEnsemble)}
     return {**classes, **{name: None for _, name in TRAINED_METHODS.values()}}
 
 
@@ -136,22 +137,49 @@ def _describe(estimator, prefix, arrays):
                 steps.append([step_name, _describe(step, f"{prefix}{step_name}/", arrays)])
         return {"class": name, "steps": steps,
                 "params": {"memory": None, "verbose": bool(estimator.verbose)}}
+    if name == "AnomalyEnsemble":
+        return _describe_ensemble(estimator, prefix, arrays)
     params = {k: _jsonable(v, f"{name}.{k}") for k, v in estimator.get_params(deep=False).items()}
+    description = {"class": name, "params": params,
+                   "fitted": _describe_fitted(estimator, prefix, arrays)}
+    state = (estimator.network_state()
+             if description["fitted"] and hasattr(estimator, "network_state") else None)
+    if state is not None:
+        for k, v in state.items():
+            arrays[f"{prefix}network/{k}"] = v
+        description["network_state"] = list(state)
+    return description
+
+
+def _describe_fitted(estimator, prefix, arrays, leave_out=()):
+    """The fitted attributes of ``estimator`` as JSON (arrays into ``arrays``)."""
+    name = type(estimator).__name__
     fitted = {}
     for key, value in vars(estimator).items():
-        if not key.endswith("_") or key.startswith("_"):
+        if not key.endswith("_") or key.startswith("_") or key in leave_out:
             continue
         if isinstance(value, np.ndarray):
             arrays[f"{prefix}{key}"] = _storable_array(value, f"{name}.{key}")
             fitted[key] = {"__array__": f"{prefix}{key}"}
         else:
             fitted[key] = _jsonable(value, f"{name}.{key}")
-    description = {"class": name, "params": params, "fitted": fitted}
-    state = estimator.network_state() if fitted and hasattr(estimator, "network_state") else None
-    if state is not None:
-        for k, v in state.items():
-            arrays[f"{prefix}network/{k}"] = v
-        description["network_state"] = list(state)
+    return fitted
+
+
+def _describe_ensemble(ensemble, prefix, arrays):
+    """An :class:`~skpatchcore.AnomalyEnsemble`: its parameters, its members (as given)
+    and, when fitted, its fitted members, each described as any estimator."""
+    params = {k: _jsonable(v, f"AnomalyEnsemble.{k}")
+              for k, v in ensemble.get_params(deep=False).items() if k != "members"}
+    members = [[str(name), _describe(model, f"{prefix}members/{name}/", arrays)]
+               for name, model in ensemble.members]
+    description = {"class": "AnomalyEnsemble", "params": params, "members": members,
+                   "fitted": _describe_fitted(ensemble, prefix, arrays,
+                                              leave_out=("members_",))}
+    if "members_" in vars(ensemble):
+        description["fitted_members"] = [
+            _describe(model, f"{prefix}members_/{i}/", arrays)
+            for i, model in enumerate(ensemble.members_)]
     return description
 
 
@@ -678,16 +706,37 @@ def _rebuild(description, arrays, prefix, where, depth=0):
                        f"{sorted(classes)}", advice=_OTHER_VERSION)
     cls = _class(name)
     label = f"{where} ({name})"
-    if issubclass(cls, Pipeline):
+    if issubclass(cls, Pipeline) or name == "AnomalyEnsemble":
         if depth >= _MAX_NESTING:
-            raise _Invalid(f"{label} nests pipelines more than {_MAX_NESTING} deep")
+            raise _Invalid(f"{label} nests pipelines or ensembles more than {_MAX_NESTING} "
+                           "deep")
+        if name == "AnomalyEnsemble":
+            return _rebuild_ensemble(cls, description, arrays, prefix, label, depth)
         return _rebuild_pipeline(cls, description, arrays, prefix, label, depth)
 
+    estimator = _construct(cls, description, label)
+    fitted = _set_fitted(estimator, description, arrays, label)
+    stored = set(fitted) | ({"network_state"} if "network_state" in description else set())
+    if fitted:
+        for key, value in _ADDED_FITTED.get(name, {}).items():
+            if key not in fitted:
+                setattr(estimator, key, value)
+        check = _FITTED_CHECKS.get(name, _check_trained)  # trained detectors: one check
+        check(_Fitted(estimator, label), stored)
+    if "network_state" in description:
+        _restore_network(estimator, description["network_state"], arrays, prefix, label,
+                         bool(fitted))
+    return estimator
+
+
+def _construct(cls, description, label, **given):
+    """``cls`` with the parameters of ``description`` (and ``given``), validated."""
+    name = cls.__name__
     params = description.get("params", _MISSING)
     if not isinstance(params, dict):
         raise _Invalid(f"{label}: params must be a JSON object, got {_show(params)}")
     known = cls._get_param_names()
-    unknown = sorted(set(params) - set(known))
+    unknown = sorted(set(params) - set(known) | set(params) & set(given))
     if unknown:
         raise _Invalid(f"{label} has parameters {unknown} that {name} does not take "
                        f"(it takes {known})", advice=_OTHER_VERSION)
@@ -696,12 +745,16 @@ def _rebuild(description, arrays, prefix, where, depth=0):
     # behaviour, not today's default.
     for key, value in _ADDED_PARAMS.get(name, {}).items():
         params.setdefault(key, value)
-    estimator = cls(**params)
+    estimator = cls(**params, **given)
     try:
         estimator._validate_params()
     except (ValueError, TypeError) as exc:  # sklearn's InvalidParameterError is both
         raise _Invalid(f"{label}: invalid parameter: {exc}") from None
+    return estimator
 
+
+def _set_fitted(estimator, description, arrays, label):
+    """Set the fitted attributes of ``description`` on ``estimator``; returns them."""
     fitted = description.get("fitted", _MISSING)
     if not isinstance(fitted, dict):
         raise _Invalid(f"{label}: fitted must be a JSON object, got {_show(fitted)}")
@@ -714,17 +767,7 @@ def _rebuild(description, arrays, prefix, where, depth=0):
         else:
             value = _from_json(value, f"{label}: {key}")
         setattr(estimator, key, value)
-    stored = set(fitted) | ({"network_state"} if "network_state" in description else set())
-    if fitted:
-        for key, value in _ADDED_FITTED.get(name, {}).items():
-            if key not in fitted:
-                setattr(estimator, key, value)
-        check = _FITTED_CHECKS.get(name, _check_trained)  # trained detectors: one check
-        check(_Fitted(estimator, label), stored)
-    if "network_state" in description:
-        _restore_network(estimator, description["network_state"], arrays, prefix, label,
-                         bool(fitted))
-    return estimator
+    return fitted
 
 
 def _restore_network(estimator, keys, arrays, prefix, label, fitted):
@@ -790,6 +833,54 @@ def _rebuild_pipeline(cls, description, arrays, prefix, label, depth):
     return pipeline
 
 
+def _rebuild_members(items, arrays, prefix, label, depth):
+    """The ``members`` list of an ensemble: [name, estimator] pairs, unique names."""
+    if not (isinstance(items, list) and items):
+        raise _Invalid(f"{label}: members must be a non-empty list of [name, estimator] "
+                       f"pairs, got {_show(items)}")
+    built = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and item[0] and "__" not in item[0] and item[0] not in dict(built)):
+            raise _Invalid(f"{label}: members[{i}] must be a [name, estimator] pair with a "
+                           f"unique name without '__', got {_show(item)}")
+        name, member = item
+        built.append((name, _rebuild(member, arrays, f"{prefix}members/{name}/",
+                                     f"{label}.members[{i}] {name!r}", depth + 1)))
+    return built
+
+
+def _rebuild_ensemble(cls, description, arrays, prefix, label, depth):
+    members = _rebuild_members(description.get("members", _MISSING), arrays, prefix, label,
+                               depth)
+    ensemble = _construct(cls, description, label, members=members)
+    fitted = _set_fitted(ensemble, description, arrays, label)
+    items = description.get("fitted_members", _MISSING)
+    if not fitted:
+        if items is not _MISSING:
+            raise _Invalid(f"{label} has fitted members but no fitted attributes")
+        return ensemble
+    if not (isinstance(items, list) and len(items) == len(members)):
+        raise _Invalid(f"{label}: fitted_members must be a list of {len(members)} fitted "
+                       f"estimators (one per member), got {_show(items)}")
+    ensemble.members_ = [
+        _rebuild(item, arrays, f"{prefix}members_/{i}/",
+                 f"{label}.fitted_members[{i}] {members[i][0]!r}", depth + 1)
+        for i, item in enumerate(items)]
+    f = _Fitted(ensemble, label)
+    f.number("offset_")
+    f.number("pixel_threshold_")
+    _check_calibration(f)
+    f.integer("n_train_images_")
+    f.integer("n_validation_images_", low=2)
+    for key in ("score_loc_", "score_scale_", "map_loc_", "map_scale_"):
+        f.array(key, "f", (len(members),), np.float64, finite=True)
+    for key in ("score_scale_", "map_scale_"):
+        if not np.all(getattr(ensemble, key) > 0):
+            raise _Invalid(f"{label}: {key} must hold positive spreads")
+    return ensemble
+
+
 def _check_steps_agree(steps, label):
     """Fitted steps after a fitted FeatureExtractor expect its features and grid."""
     source = None
@@ -828,20 +919,30 @@ def _model_text(model):
 
 
 def _check_can_score(model, path):
-    """ValueError unless ``model`` is a fitted detector or a pipeline ending in one."""
+    """ValueError unless ``model`` is a fitted detector or a pipeline ending in one, or a
+    fitted ensemble of such models."""
     from ._base import BaseDetector
     from ._trained import TrainedDetector
+    from .ensemble import AnomalyEnsemble
 
     final = model
     while isinstance(final, Pipeline):
         final = final.steps[-1][1]
+    if isinstance(final, AnomalyEnsemble) and final is model:
+        if "members_" not in vars(model):
+            raise ValueError(f"{str(path)!r} holds an unfitted AnomalyEnsemble, so it cannot "
+                             "score. Fit the model before saving it (or use the file written "
+                             "by `skpatchcore fit --ensemble`).")
+        for member in model.members_:
+            _check_can_score(member, path)
+        return
     if not isinstance(final, BaseDetector | TrainedDetector):
         raise ValueError(
             f"{str(path)!r} holds a {_model_text(model)}, which cannot score images: a model "
             "for scoring is a fitted PatchCoreDetector, SPADEDetector or PaDiMDetector, or a "
             "pipeline ending in one, or a fitted StudentTeacherDetector, DistillationDetector "
-            "or FocusDistributionDetector. Use a model file written by `skpatchcore fit`, or save "
-            "such a model with save_model."
+            "or FocusDistributionDetector, or an AnomalyEnsemble of such models. Use a model "
+            "file written by `skpatchcore fit`, or save such a model with save_model."
         )
     for step in _steps(model):
         try:
