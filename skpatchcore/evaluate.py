@@ -40,6 +40,13 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _plain(value):
+    """Whether a parameter value is plain data (not an estimator or a list of steps)."""
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
 def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_maps=None,
              sigma=4.0, skip_missing_masks=False, return_model=False, report=None,
              embed=False, ensemble=False, **params):
@@ -141,7 +148,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
         "ensemble": bool(ensemble),
         "params": {k: v for k, v in pipe.get_params().items()
                    if ("__" in k or is_trained(pipe) or ensemble)
-                   and not hasattr(v, "get_params")},
+                   and _plain(v)},
     }
     # each defect type against the good test images: that type's images and the good ones
     good = types == "good"

@@ -581,3 +581,44 @@ def test_an_unreachable_scheduler_exits_2_naming_it(folders, model, tmp_path, ca
     assert main(["fit", str(folders / "good"), "-o", str(tmp_path / "m.npz"), "--method",
                  "spade", "--scheduler", address]) == 2
     assert "--scheduler fits --method patchcore only" in capsys.readouterr().err
+
+
+def test_fit_predict_an_ensemble(folders, tmp_path, capsys):
+    path = tmp_path / "ensemble.npz"
+    assert main(["fit", str(folders / "good"), "-o", str(path), "--ensemble",
+                 "--coreset-ratio", "0.1"]) == 0
+    assert "fitted an ensemble of 2 patchcore models on 16 images" in capsys.readouterr().out
+    model = load_model(path)
+    assert type(model).__name__ == "AnomalyEnsemble"
+    assert [m[0].image_size for m in model.members_] == [320, 384]
+    out = tmp_path / "out"
+    assert main(["predict", str(path), str(folders / "new"), "--out", str(out),
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    new = sorted((folders / "new").glob("*.png"))
+    scores = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(scores, model.score_samples(new), rtol=1e-5, atol=1e-5)
+    assert scores[4:].max() < scores[:4].min()  # defective parts score lower
+    # the masks are the ensemble's maps above its pixel threshold
+    mask = np.asarray(Image.open(sorted((out / "masks").glob("*.png"))[-1])) > 0
+    np.testing.assert_array_equal(mask, model.predict_mask([new[-1]])[0])
+    report = (out / "report.html").read_text()
+    assert "ensemble of 2 models" in report and "Member lite1_384" in report
+    assert "held-out good training images" in report
+    assert main(["predict", str(path), str(folders / "new"), "--out", str(tmp_path / "o2"),
+                 "--scheduler", "tcp://127.0.0.1:1", "--quiet"]) == 2
+    assert "holds an ensemble" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (["--method", "padim"], "drop --method padim or --ensemble"),
+    (["--backbone", "efficientnet_lite0"], "drop --backbone"),
+    (["--image-size", "64"], "drop --image-size"),
+    (["--scheduler", "tcp://127.0.0.1:1"], "not --ensemble"),
+])
+def test_ensemble_refuses_options_it_cannot_honour(folders, tmp_path, capsys, no_feature_work,
+                                                    options, fragment):
+    assert main(["fit", str(folders / "good"), "-o", str(tmp_path / "m.npz"), "--ensemble",
+                 *options]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1

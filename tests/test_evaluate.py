@@ -70,3 +70,13 @@ def test_colorize_is_ordered():
     assert c.shape == (5, 3)
     assert c[0].sum() < c[2].sum()  # dark at the bottom of the scale
     assert c[-1, 0] > c[-1, 2]  # red at the top
+
+
+def test_evaluate_an_ensemble_with_its_report(tiny_mvtec, tmp_path):
+    res = evaluate(tiny_mvtec, ensemble=True, sampling_ratio=0.1, report=tmp_path / "r")
+    assert res["ensemble"] is True and res["image_auroc"] > 0.9 and res["pixel_auroc"] > 0.9
+    assert res["params"]["lite1_384__features__image_size"] == 384
+    assert res["params"]["validation_fraction"] == 0.1
+    json.dumps(res)  # every parameter is plain data
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "ensemble of 2 models" in html and "Member lite2_320" in html
