@@ -60,6 +60,11 @@ def _parts(model):
             f"export_onnx supports PatchCoreDetector pipelines; {type(model).__name__} (a "
             "trained method) cannot be exported yet: score it with the library ('skpatchcore "
             "predict MODEL.npz').")
+    if hasattr(model, "members"):  # an AnomalyEnsemble
+        raise ValueError(
+            "export_onnx exports one PatchCore pipeline; an AnomalyEnsemble cannot be exported "
+            "yet: score it with the library ('skpatchcore predict MODEL.npz'), or export one "
+            "of its members (ensemble.members_[i], in its own units).")
     if not isinstance(model, Pipeline):
         raise ValueError(
             f"export_onnx needs a fitted pipeline (FeatureExtractor -> ... -> "

@@ -16,6 +16,7 @@ from skpatchcore import export as export_module  # noqa: E402
 from skpatchcore import (  # noqa: E402
     export_onnx,
     make_anomaly_pipeline,
+    make_ensemble,
     make_patchcore,
     save_model,
 )
@@ -234,6 +235,8 @@ def test_unsupported_models_are_refused_before_export(small, tmp_path):
         export_onnx(pyramid, tmp_path / "py.onnx", frame_size=64)
     with pytest.raises(ValueError, match="needs a fitted pipeline"):
         export_onnx(small[0][-1], tmp_path / "d.onnx", frame_size=64)
+    with pytest.raises(ValueError, match="AnomalyEnsemble cannot be exported yet"):
+        export_onnx(make_ensemble(), tmp_path / "e.onnx", frame_size=64)
     assert list(tmp_path.iterdir()) == []  # nothing written, no partial files
 
 
