@@ -21,11 +21,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._containers import MemoryBank, PatchFeatures
 from ._geometry import upsample_maps
-from ._utils import labels_from_decision, progress, resolve_device
+from ._utils import labels_from_decision, masks_above, progress, resolve_device
 from ._validation import check_features, normal_mask, validate_features
 from .neighbors import make_index
 
-__all__ = ["BaseDetector", "MemoryBankDetector", "ThresholdMixin", "contamination_offset"]
+__all__ = ["BaseDetector", "MemoryBankDetector", "PixelThresholdMixin", "ThresholdMixin",
+           "contamination_offset"]
 
 # Query rows scored per chunk, in fit and in scoring (65536 x 168 float32 = 44 MB).
 SCORE_CHUNK_ROWS = 65536
@@ -125,6 +126,32 @@ class ThresholdMixin:
         self.calibration_fpr_ = float(fpr)
         self.calibration_n_samples_ = int(len(scores))
         return self
+
+
+class PixelThresholdMixin:
+    """``predict_mask`` for models whose maps are not in the units of their image scores:
+    the default threshold is their own ``pixel_threshold_``."""
+
+    def predict_mask(self, X, threshold=None, sigma=4.0):
+        """Boolean defect masks: map values above ``threshold``.
+
+        Parameters
+        ----------
+        X : images
+        threshold : float or None, default=None
+            Threshold on :meth:`predict_map` values. None: ``pixel_threshold_``, the
+            ``contamination`` rule applied to the peaks of the held-out good images' maps
+            at ``sigma`` = 4.
+        sigma : float, default=4.0
+            As in :meth:`predict_map`.
+
+        Returns
+        -------
+        masks : ndarray of bool (n, H, W), or a list when sizes differ.
+        """
+        check_is_fitted(self)
+        threshold = self.pixel_threshold_ if threshold is None else threshold
+        return masks_above(self.predict_map(X, sigma), threshold)
 
 
 def check_fpr(fpr):

@@ -37,7 +37,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import ThresholdMixin, contamination_offset
+from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset
 from ._geometry import Geometry, check_sigma, upsample_maps
 from ._images import check_images
 from ._utils import as_one_array, progress, resolve_device
@@ -68,7 +68,7 @@ def seeded(seed):
         yield
 
 
-class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
+class TrainedDetector(PixelThresholdMixin, ThresholdMixin, OutlierMixin, BaseEstimator):
     """Base of the detectors that train networks on good images (not for direct use).
 
     Common parameters (every subclass takes them, with its own defaults): ``image_size``,
@@ -418,17 +418,6 @@ class TrainedDetector(ThresholdMixin, OutlierMixin, BaseEstimator):
         """Pixel anomaly maps on each image's own pixels (higher = more anomalous); see
         :meth:`score_and_map`."""
         return self.score_and_map(X, sigma)[1]
-
-    def predict_mask(self, X, threshold=None, sigma=4.0):
-        """Boolean defect masks: map values above ``threshold`` (None: ``pixel_threshold_``,
-        the contamination rule applied to the peaks of the held-out good images' maps at
-        ``sigma`` = 4; the maps need not be in the units of the image scores)."""
-        check_is_fitted(self)
-        threshold = self.pixel_threshold_ if threshold is None else threshold
-        maps = self.predict_map(X, sigma)
-        if isinstance(maps, list):
-            return [m > threshold for m in maps]
-        return maps > threshold
 
     # ------------------------------------------------------------------ persistence
     def network_state(self):

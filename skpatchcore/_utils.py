@@ -27,6 +27,14 @@ def as_one_array(maps):
     return maps
 
 
+def masks_above(maps, threshold):
+    """Boolean masks ``map > threshold`` of maps as :func:`as_one_array` gives them (one
+    array, or a list when the sizes differ)."""
+    if isinstance(maps, list):
+        return [m > threshold for m in maps]
+    return maps > threshold
+
+
 def labels_from_decision(decision):
     """+1 where ``decision >= 0`` (inlier), -1 elsewhere, NaN included: nothing that is not
     a number says "good". The one labelling rule of ``predict``, the CLI and the workers.

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted, check_random_state
 
-from ._base import ThresholdMixin, contamination_offset
+from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset
 from ._geometry import check_sigma
 from ._images import check_images
 from ._utils import as_one_array
@@ -33,7 +33,7 @@ _SAMPLING_RATIO = 0.01
 _MIN_SCALE = 1e-12
 
 
-class AnomalyEnsemble(ThresholdMixin, OutlierMixin, _BaseComposition):
+class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseComposition):
     """An ensemble of anomaly models on images: the mean of its members' standardised
     image scores and maps.
 
@@ -297,16 +297,6 @@ class AnomalyEnsemble(ThresholdMixin, OutlierMixin, _BaseComposition):
         """Pixel anomaly maps on each image's own pixels (higher = more anomalous); see
         :meth:`score_and_map`."""
         return self.score_and_map(X, sigma)[1]
-
-    def predict_mask(self, X, threshold=None, sigma=4.0):
-        """Boolean defect masks: map values above ``threshold`` (None:
-        ``pixel_threshold_``)."""
-        check_is_fitted(self)
-        threshold = self.pixel_threshold_ if threshold is None else threshold
-        maps = self.predict_map(X, sigma)
-        if isinstance(maps, list):
-            return [m > threshold for m in maps]
-        return maps > threshold
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._base import SCORE_CHUNK_ROWS
 from ._geometry import check_sigma
 from ._images import check_images
-from ._utils import as_one_array
+from ._utils import as_one_array, masks_above
 from .coreset import CoresetSampler
 from .detector import PatchCoreDetector
 from .features import FeatureExtractor
@@ -204,10 +204,7 @@ class PatchCorePipeline(Pipeline):
         """
         if threshold is None:
             threshold = -self._final_estimator.offset_
-        maps = self.predict_map(X, sigma=sigma)
-        if isinstance(maps, list):
-            return [m > threshold for m in maps]
-        return maps > threshold
+        return masks_above(self.predict_map(X, sigma=sigma), threshold)
 
 
 def make_patchcore(**params):
