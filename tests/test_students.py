@@ -15,20 +15,14 @@ from skpatchcore import load_model, save_model
 from skpatchcore._images import check_images
 from skpatchcore.datasets import make_defect_images
 from skpatchcore.metrics import image_auroc
-from skpatchcore.students import (
-    PatchDescriptorNet,
-    StudentTeacherDetector,
-    patch_dilations,
-    sample_windows,
-)
+from skpatchcore.students import StudentNet, StudentTeacherDetector
 
-#: A detector small enough for a test: one patch size, narrow networks, a few epochs, at
-#: the synthetic images' own 64 px (at 32 px their thin scratches and fine spots are hardly
-#: there and the image AUROC depends on the seed; at 64 px it is 1.0 for seeds 0, 1, 2).
-TINY = dict(image_size=64, patch_sizes=(9,), n_students=2, descriptor_dim=16, width=16,
-            teacher_epochs=2, max_epochs=3, learning_rate=3e-3, random_state=0)
+#: A detector small enough for a test: narrow students, a few epochs, at the synthetic
+#: images' own 64 px.
+TINY = dict(image_size=64, n_students=2, width=16, max_epochs=5, learning_rate=3e-3,
+            random_state=0)
 #: Smaller still, for the contract tests that fit many times (grid search, pipeline).
-MINI = dict(TINY, image_size=32, descriptor_dim=8, width=8, teacher_epochs=1, max_epochs=1)
+MINI = dict(TINY, image_size=32, width=8, max_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -44,55 +38,31 @@ def fitted(split):
 
 
 # ------------------------------------------------------------------ the networks
-@given(st.integers(1, 40))
-def test_dilations_give_the_patch_size(half):
-    p = 2 * half + 1
-    dilations = patch_dilations(p)
-    assert 1 + 2 * sum(dilations) == p
-    assert all(d >= 1 for d in dilations)
-
-
-@pytest.mark.parametrize("p", [9, 17])
-def test_a_crop_gives_the_image_descriptors_of_its_window(p):
-    """Training on crops is exact: the descriptors of a crop of the padded image are those
-    of the whole image in the crop's window (each depends on its own patch only)."""
+@pytest.mark.parametrize("strides, channels", [([8, 16], [40, 80]), ([4], [24]),
+                                               ([16, 16], [80, 112])])
+def test_student_outputs_every_teacher_layer_at_its_stride(strides, channels):
     torch.manual_seed(0)
-    net = PatchDescriptorNet(p, 4, 3).eval()
-    h = (p - 1) // 2
-    padded = torch.nn.functional.pad(torch.rand(1, 3, 30, 28), [h] * 4, mode="reflect")
+    net = StudentNet(strides, channels, 4).eval()
     with torch.no_grad():
-        whole = net(padded)
-        part = net(padded[:, :, 5 : 5 + 10 + p - 1, 7 : 7 + 12 + p - 1])
-    assert whole.shape == (1, 3, 30, 28)
-    torch.testing.assert_close(part, whole[:, :, 5:15, 7:19], rtol=1e-5, atol=1e-6)
-
-
-def test_sampled_windows_are_windows_of_the_upsampled_maps():
-    """The teachers' distillation targets: windows of the backbone maps upsampled to the
-    frame, without upsampling the whole frame."""
-    maps = torch.randn(3, 5, 8, 6)
-    full = torch.nn.functional.interpolate(maps, size=(64, 48), mode="bilinear",
-                                           align_corners=False)
-    top, left = np.array([0, 10, 44]), np.array([28, 3, 0])
-    windows = sample_windows(maps, top, left, 20, (64, 48))
-    expected = torch.stack([full[i, :, t : t + 20, s : s + 20]
-                            for i, (t, s) in enumerate(zip(top, left, strict=True))])
-    torch.testing.assert_close(windows, expected, rtol=1e-5, atol=1e-5)
+        out = net(torch.rand(2, 3, 64, 48))
+    assert [tuple(o.shape) for o in out] == [(2, c, 64 // s, 48 // s)
+                                             for s, c in zip(strides, channels, strict=True)]
+    assert len(net.stages) == int(np.log2(max(strides)))
 
 
 # ------------------------------------------------------------------ training and scoring
 def test_training_lowers_the_losses(fitted):
     assert fitted.n_epochs_ == len(fitted.train_loss_) == TINY["max_epochs"]
-    assert len(fitted.teacher_loss_) == TINY["teacher_epochs"]
     assert fitted.train_loss_[-1] < fitted.train_loss_[0]
-    assert fitted.teacher_loss_[-1] < fitted.teacher_loss_[0]
     assert fitted.n_train_images_ + fitted.n_validation_images_ == 18
+    assert fitted.n_stats_images_ == 2  # 10 % of the 16 training images, rounded
 
 
 def test_fitted_statistics(fitted):
-    assert fitted.teacher_mean_.shape == fitted.teacher_std_.shape == (1, 16)
+    # blocks.2 and blocks.3 of EfficientNet-Lite0: 40 + 80 descriptor dimensions
+    assert fitted.teacher_mean_.shape == fitted.teacher_std_.shape == (120,)
     assert (fitted.teacher_std_ > 0).all()
-    assert fitted.error_stats_.shape == fitted.variance_stats_.shape == (1, 2)
+    assert fitted.error_stats_.shape == fitted.variance_stats_.shape == (2, 2)
     assert (fitted.error_stats_ > 0).all() and (fitted.variance_stats_ > 0).all()
     assert fitted.weights_sha256_ is not None
 
@@ -111,22 +81,55 @@ def test_defects_score_higher(fitted, split):
 
 
 def test_map_is_the_standardised_error_plus_variance(fitted, split):
-    """The map, by hand from the networks: students' mean against the normalised teacher,
-    plus their variance, each standardised by the fitted statistics."""
+    """The map, by hand from the networks: students' mean against the normalised teacher
+    (the pretrained network's layers), plus their variance, each standardised by the
+    fitted statistics, the coarser layer's upsampled to the finer one's grid, averaged."""
     x = fitted._float(fitted._frames(check_images(split[1][:2])), "cpu")  # 64 x 64
+    mean, std = fitted._normalisation("cpu")
+    xn = (x - mean) / std
+    network, _ = fitted._pretrained_network()
     with torch.no_grad():
-        padded = torch.nn.functional.pad(fitted._normalise(x), [4] * 4, mode="reflect")
-        t = fitted._nets["teacher9"](padded)
-        t = (t - torch.tensor(fitted.teacher_mean_[0]).float().view(1, -1, 1, 1)) / \
-            torch.tensor(fitted.teacher_std_[0]).float().view(1, -1, 1, 1)
-        s = torch.stack([fitted._nets[f"student9_{i}"](padded) for i in range(2)])
-    e = ((s.mean(0) - t) ** 2).sum(1).numpy()
-    v = ((s - s.mean(0)) ** 2).sum(2).mean(0).numpy()
-    (em, es), (vm, vs) = fitted.error_stats_[0], fitted.variance_stats_[0]
-    expected = (e - em) / es + (v - vm) / vs
+        teacher = network(xn)
+        preds = [fitted._nets[f"student{i}"](xn) for i in range(2)]
+    assert [tuple(t.shape) for t in teacher] == [(2, 40, 8, 8), (2, 80, 4, 4)]
+    expected, start = 0.0, 0
+    for k, t in enumerate(teacher):
+        c = t.shape[1]
+        t = (t - torch.tensor(fitted.teacher_mean_[start : start + c]).float().view(1, -1, 1, 1)
+             ) / torch.tensor(fitted.teacher_std_[start : start + c]).float().view(1, -1, 1, 1)
+        start += c
+        s = torch.stack([p[k] for p in preds])
+        e = ((s.mean(0) - t) ** 2).sum(1, keepdim=True)
+        v = ((s - s.mean(0)) ** 2).sum(2).mean(0)[:, None]
+        e, v = (torch.nn.functional.interpolate(m, size=(8, 8), mode="bilinear",
+                                                align_corners=False)[:, 0].numpy()
+                for m in (e, v))
+        (em, es), (vm, vs) = fitted.error_stats_[k], fitted.variance_stats_[k]
+        expected = expected + (e - em) / es + (v - vm) / vs
     scores, maps = fitted._anomaly(x)
-    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4)
+    assert maps.shape == (2, 8, 8)
+    np.testing.assert_allclose(maps, expected / 2, rtol=1e-4, atol=1e-4)
     assert (scores <= maps.reshape(2, -1).max(1) + 1e-6).all()  # max of a smoothed map
+
+
+def test_statistics_come_from_images_the_students_did_not_train_on(split):
+    """The paper's validation set: the frames whose maps set ``error_stats_`` and
+    ``variance_stats_`` are never in a training batch of the students."""
+    seen = {"train": set(), "stats": set()}
+
+    class Spy(StudentTeacherDetector):
+        def _input(self, frames, device):
+            seen["train"].update(f.numpy().tobytes() for f in frames)
+            return super()._input(frames, device)
+
+        def _map_stats(self, frames, device):
+            seen["stats"].update(f.numpy().tobytes() for f in frames)
+            return super()._map_stats(frames, device)
+
+    det = Spy(**MINI).fit(split[0])
+    assert len(seen["stats"]) == det.n_stats_images_ == 2
+    assert len(seen["train"]) == det.n_train_images_ - det.n_stats_images_ == 14
+    assert not seen["stats"] & seen["train"]
 
 
 def test_predict_and_decision_function(fitted, split):
@@ -143,22 +146,26 @@ def test_same_random_state_same_scores(split):
     np.testing.assert_array_equal(again.score_samples(X), first.score_samples(X))
     np.testing.assert_array_equal(again.predict_map(X[:2]), first.predict_map(X[:2]))
     assert again.train_loss_ == first.train_loss_
-    assert again.teacher_loss_ == first.teacher_loss_
     other = StudentTeacherDetector(**dict(MINI, random_state=1)).fit(X_train)
     assert not np.array_equal(other.score_samples(X), first.score_samples(X))
 
 
 def test_one_student_has_no_variance_term(split):
     det = StudentTeacherDetector(**dict(MINI, n_students=1)).fit(split[0])
-    np.testing.assert_array_equal(det.variance_stats_, [[0.0, 1.0]])
+    np.testing.assert_array_equal(det.variance_stats_, [[0.0, 1.0], [0.0, 1.0]])
     assert np.isfinite(det.score_samples(split[1])).all()
 
 
-def test_several_patch_sizes(split):
-    det = StudentTeacherDetector(**dict(MINI, patch_sizes=(5, 9))).fit(split[0])
-    assert det.teacher_mean_.shape == (2, 8) and det.error_stats_.shape == (2, 2)
-    assert {k for k in det._nets} == {"teacher5", "teacher9", "student5_0", "student5_1",
-                                      "student9_0", "student9_1"}
+@pytest.mark.parametrize("layers, dims, grid", [(("blocks.1",), 24, 8),
+                                                 (("blocks.1", "blocks.4"), 136, 8),
+                                                 (("blocks.3",), 80, 2)])
+def test_other_teacher_layers(split, layers, dims, grid):
+    det = StudentTeacherDetector(**dict(MINI, teacher_layers=layers)).fit(split[0])
+    assert det.teacher_mean_.shape == (dims,)
+    assert det.error_stats_.shape == (len(layers), 2)
+    assert set(det._nets) == {"student0", "student1"}
+    _, _, grids = next(det.iter_score_and_grids(split[1][:2]))
+    assert grids.shape == (2, grid, grid)  # the finest layer's grid at 32 px
     assert np.isfinite(det.predict_map(split[1][:2])).all()
 
 
@@ -197,12 +204,12 @@ def test_network_state_round_trip(fitted, split):
 def test_clone_and_params():
     det = StudentTeacherDetector(**TINY)
     params = det.get_params()
-    assert params["patch_sizes"] == (9,) and params["n_students"] == 2
-    other = clone(det).set_params(n_students=4, patch_sizes=(5, 9))
-    assert other.n_students == 4 and other.patch_sizes == (5, 9)
+    assert params["teacher_layers"] == ("blocks.2", "blocks.3") and params["n_students"] == 2
+    other = clone(det).set_params(n_students=4, teacher_layers=("blocks.1",))
+    assert other.n_students == 4 and other.teacher_layers == ("blocks.1",)
     assert det.n_students == 2
     default = StudentTeacherDetector()
-    assert default.patch_sizes == (17, 33) and default.image_size == 128
+    assert default.image_size == 128 and default.max_epochs == 20
 
 
 def test_grid_search():
@@ -227,15 +234,15 @@ def test_pipeline(split):
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize("sizes", [(8,), (), (9, 9), (1,), (65,), (9.0,), "9", 9])
-def test_bad_patch_sizes(split, sizes):
-    det = StudentTeacherDetector(**dict(MINI, patch_sizes=sizes))
-    with pytest.raises((ValueError, InvalidParameterError), match="patch_sizes"):
+@pytest.mark.parametrize("layers", [(), ("blocks.9",), ("blocks.2", "blocks.2"), ("stem",),
+                                    ("blocks.6",), (2,), "blocks.2", None])
+def test_bad_teacher_layers(split, layers):
+    det = StudentTeacherDetector(**dict(MINI, teacher_layers=layers))
+    with pytest.raises((ValueError, InvalidParameterError), match="teacher_layers"):
         det.fit(split[0])
 
 
-@pytest.mark.parametrize("param, value", [("n_students", 0), ("descriptor_dim", 1),
-                                          ("width", 0), ("teacher_epochs", -1),
+@pytest.mark.parametrize("param, value", [("n_students", 0), ("width", 0),
                                           ("max_epochs", 0), ("image_size", 16)])
 def test_bad_parameters(split, param, value):
     with pytest.raises(InvalidParameterError, match=param):
