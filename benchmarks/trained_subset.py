@@ -11,7 +11,7 @@ the training draw and prints one line: the settings, image AUROC, pixel AUROC (m
 every setting, so settings compare; a subset has fewer training steps than the whole set,
 so its absolute figures are not the whole set's (``benchmarks/methods_table.py`` runs
 those). Parameter values are Python literals (``direction_weight=20``,
-``patch_sizes=(17,)``).
+``"teacher_layers=('blocks.3',)"``).
 """
 
 from __future__ import annotations

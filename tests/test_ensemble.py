@@ -177,3 +177,18 @@ def test_make_ensemble_is_the_measured_pair(defects):
     assert type(make_model("patchcore", ensemble=True)).__name__ == "AnomalyEnsemble"
     with pytest.raises(ValueError, match="combines PatchCore models"):
         make_model("padim", ensemble=True)
+
+
+def test_a_trained_detector_is_a_member_too(defects, tmp_path):
+    from skpatchcore import DistillationDetector
+
+    X, y, _ = defects
+    members = [("patchcore", make_patchcore(image_size=64, sampling_ratio=0.2,
+                                            random_state=0)),
+               ("mkd", DistillationDetector(image_size=32, max_epochs=2, random_state=0))]
+    ensemble = AnomalyEnsemble(members, validation_fraction=0.2).fit(X[:20])
+    scores, maps = ensemble.score_and_map(X[20:])
+    assert maps.shape == (16, 64, 64)
+    assert image_auroc(y[20:] == -1, -scores) > 0.9
+    loaded = load_model(save_model(ensemble, tmp_path / "mixed"), require_detector=True)
+    np.testing.assert_array_equal(loaded.score_samples(X[20:]), scores)
