@@ -25,13 +25,12 @@ paper's best result being an ensemble of three backbones.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from trained_subset import parse_param  # benchmarks/, the script's own folder
+from trained_subset import parse_param, use_threads  # benchmarks/, this folder
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -59,12 +58,7 @@ def main(argv=None):
     parser.add_argument("--holdout", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from skpatchcore.datasets import load_masks, load_mvtec
     from skpatchcore.methods import make_model
     from skpatchcore.metrics import aupro, image_auroc, pixel_auroc

@@ -19,12 +19,12 @@ variance of all cells).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from trained_subset import use_threads  # benchmarks/, this folder
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -60,12 +60,7 @@ def main(argv=None):
     parser.add_argument("--root", action="append", default=[])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from skpatchcore._images import check_images
     from skpatchcore.datasets import load_masks, load_mvtec
     from skpatchcore.methods import make_model

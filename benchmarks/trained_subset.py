@@ -36,6 +36,16 @@ def parse_param(text):
         return name, value  # a plain string, e.g. resize_mode=stretch
 
 
+def use_threads(threads):
+    """Run torch (and OpenMP, for what starts later) on ``threads`` threads; None leaves
+    torch's default. Call it first, before any work."""
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python benchmarks/trained_subset.py",
                                      description=__doc__.split("\n\n")[0])
@@ -47,12 +57,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from skpatchcore.datasets import load_masks, load_mvtec
     from skpatchcore.methods import make_model
     from skpatchcore.metrics import image_auroc, pixel_auroc
