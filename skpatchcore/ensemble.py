@@ -13,6 +13,7 @@ from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted, check_random_state
 
 from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset
+from ._checks import check_model
 from ._geometry import check_sigma
 from ._images import check_images
 from ._utils import as_one_array
@@ -156,14 +157,6 @@ class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseCo
                                 "detector.")
         return members
 
-    def _check_before_fit(self):
-        """Every parameter, the members' included, before any image is read."""
-        from .methods import check_model
-
-        self._validate_params()
-        for _, model in self._check_members():
-            check_model(model)
-
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
@@ -182,7 +175,7 @@ class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseCo
         -------
         self : object
         """
-        self._check_before_fit()
+        check_model(self)  # every parameter, the members' included, before any image
         members = self.members
         images = check_images(X)
         keep = normal_mask(y, len(images))

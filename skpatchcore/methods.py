@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._checks import check_model
+
 __all__ = ["METHODS", "METHOD_OF_CLASS", "TRAINED_METHODS", "check_model", "final_estimator",
            "is_trained", "make_model", "map_geometry", "method_of", "pixel_threshold"]
 
@@ -82,19 +84,6 @@ def make_model(method="patchcore", *, ensemble=False, **params):
         raise TypeError(f"Unknown parameters {unknown} for method {method!r}; valid names are "
                         f"{cls._get_param_names()}.")
     return cls(**params)
-
-
-def check_model(model):
-    """Check a model's parameters quickly, before any image is read (the feature options
-    load the network, which finds a missing weights file); an ensemble's members too."""
-    if hasattr(model, "_check_before_fit"):  # an AnomalyEnsemble
-        model._check_before_fit()
-    elif hasattr(model, "steps"):
-        model[0].fit()
-        for _, step in model.steps[1:]:
-            step._validate_params()
-    else:
-        model._validate_params()
 
 
 def final_estimator(model):

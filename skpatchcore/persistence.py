@@ -708,8 +708,8 @@ def _rebuild(description, arrays, prefix, where, depth=0):
     label = f"{where} ({name})"
     if issubclass(cls, Pipeline) or name == "AnomalyEnsemble":
         if depth >= _MAX_NESTING:
-            raise _Invalid(f"{label} nests pipelines or ensembles more than {_MAX_NESTING} "
-                           "deep")
+            kind = "ensembles" if name == "AnomalyEnsemble" else "pipelines"
+            raise _Invalid(f"{label} nests {kind} more than {_MAX_NESTING} deep")
         if name == "AnomalyEnsemble":
             return _rebuild_ensemble(cls, description, arrays, prefix, label, depth)
         return _rebuild_pipeline(cls, description, arrays, prefix, label, depth)
