@@ -113,7 +113,11 @@ def _cmd_fit(args):
         with connect(args.scheduler) as client:
             fit(pipe, train, client=client, verbose=not args.quiet)
     else:
-        pipe.fit(train)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", UserWarning)
+            pipe.fit(train)
+        for note in notes:  # one line each, without the warning's source line
+            print(f"note: {note.message}", file=sys.stderr)
     seconds = time.perf_counter() - start
     if normal is not None:
         pipe.calibrate(normal, fpr=args.fpr)

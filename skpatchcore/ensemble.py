@@ -4,6 +4,7 @@ three networks)."""
 
 from __future__ import annotations
 
+import warnings
 from numbers import Real
 
 import numpy as np
@@ -29,6 +30,8 @@ ENSEMBLE_MEMBERS = {
 }
 #: The members' coreset when not given (the CLI's and evaluate's default).
 _SAMPLING_RATIO = 0.01
+#: Fewer held-out images than this give a warning: their quantiles are rough.
+_FEW_HELD_OUT = 10
 #: Smallest spread a member's held-out scores or maps may have (a member that scores every
 #: held-out image alike cannot be put in their units).
 _MIN_SCALE = 1e-12
@@ -57,7 +60,8 @@ class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseCo
     validation_fraction : float in (0, 0.5), default=0.1
         Fraction of the good training images held out (at least two): they set each
         member's units, ``offset_`` and ``pixel_threshold_``. The members are fitted on the
-        other images.
+        other images. Fewer than 10 held-out images give a warning: the threshold from
+        so few is rough (:meth:`calibrate` on more good images sets it again).
     contamination : 'auto' or float in (0, 0.5], default='auto'
         Sets ``offset_`` from the held-out images' ensemble scores: 'auto' is Tukey's fence
         (an anomaly score above Q3 + 1.5 IQR of theirs is an outlier); a float is that
@@ -217,6 +221,12 @@ class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseCo
         self.map_loc_, self.map_scale_ = stats[:, 2].copy(), stats[:, 3].copy()
         self.n_train_images_ = int(n - n_val)
         self.n_validation_images_ = int(n_val)
+        if n_val < _FEW_HELD_OUT:
+            warnings.warn(
+                f"Only {n_val} held-out good images set each member's units and the "
+                f"threshold (offset_, pixel_threshold_), so both are rough; hold out more "
+                f"(validation_fraction, or more training images: at least {_FEW_HELD_OUT} "
+                "held out), or calibrate(X_good_more) afterwards.", stacklevel=2)
         self.offset_ = contamination_offset(-held_scores / m, self.contamination,
                                             "AnomalyEnsemble")
         peaks = np.array([float(h.max()) / m for h in held_maps])

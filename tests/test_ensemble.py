@@ -192,3 +192,9 @@ def test_a_trained_detector_is_a_member_too(defects, tmp_path):
     assert image_auroc(y[20:] == -1, -scores) > 0.9
     loaded = load_model(save_model(ensemble, tmp_path / "mixed"), require_detector=True)
     np.testing.assert_array_equal(loaded.score_samples(X[20:]), scores)
+
+
+def test_few_held_out_images_warn_that_the_threshold_is_rough(defects):
+    X, _, _ = defects
+    with pytest.warns(UserWarning, match="Only 4 held-out good images"):
+        AnomalyEnsemble(_members(), validation_fraction=0.2).fit(X[:20])
