@@ -18,8 +18,8 @@ members are fitted on the kept part only, so a member's figures can differ from
 
 A member is ``METHOD[:NAME=VALUE,NAME=VALUE]`` with Python literals (``backbone`` is a
 string): the default members are PatchCore on EfficientNet-Lite0, -Lite1 and -Lite2 with
-the CLI's 1% coreset (``make_model``'s own default is ``CoresetSampler``'s 10%), the
-paper's best result being an ensemble of three backbones.
+a 1% coreset (given explicitly: ``make_model``'s default before it became 1% was
+``CoresetSampler``'s 10%), the paper's best result being an ensemble of three backbones.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ def add_model_arguments(parser):
     the help for PatchCore)."""
     from .features import FeatureExtractor
     from .methods import METHODS
+    from .pipeline import DEFAULT_SAMPLING_RATIO
 
     defaults = FeatureExtractor().get_params()
     parser.add_argument("--method", choices=list(METHODS), default="patchcore",
@@ -49,7 +50,7 @@ def add_model_arguments(parser):
     parser.add_argument("--sampling-ratio", "--coreset-ratio", dest="sampling_ratio",
                         type=float,
                         help="patchcore and spade: fraction of training patches kept in the "
-                             f"memory bank (default {_SAMPLING_RATIO})")
+                             f"memory bank (default {DEFAULT_SAMPLING_RATIO})")
     parser.add_argument("--max-epochs", type=int, help="trained methods: epochs of training")
     parser.add_argument("--learning-rate", type=float, help="trained methods: Adam's step size")
     parser.add_argument("--batch-size", type=int,
@@ -64,8 +65,6 @@ def add_model_arguments(parser):
     parser.add_argument("--device", default="auto")
 
 
-#: ``--sampling-ratio`` when not given (patchcore and spade).
-_SAMPLING_RATIO = 0.01
 _FEATURE_OPTIONS = {"backbone": "--backbone", "patch_size": "--patch-size",
                     "scales": "--scales", "border": "--border",
                     "sampling_ratio": "--sampling-ratio"}
@@ -102,8 +101,6 @@ def model_params(args):
         given["ensemble"] = True
     if "scales" in given:
         given["scales"] = tuple(given["scales"])
-    if args.method in ("patchcore", "spade"):
-        given.setdefault("sampling_ratio", _SAMPLING_RATIO)
     return {**given, "random_state": args.random_state, "device": args.device}
 
 

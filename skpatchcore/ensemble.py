@@ -28,8 +28,6 @@ ENSEMBLE_MEMBERS = {
     "lite2_320": {"backbone": "efficientnet_lite2", "image_size": 320},
     "lite1_384": {"backbone": "efficientnet_lite1", "image_size": 384},
 }
-#: The members' coreset when not given (the CLI's and evaluate's default).
-_SAMPLING_RATIO = 0.01
 #: Fewer held-out images than this give a warning: their quantiles are rough.
 _FEW_HELD_OUT = 10
 #: Smallest spread a member's held-out scores or maps may have (a member that scores every
@@ -322,8 +320,8 @@ def make_ensemble(*, validation_fraction=0.1, contamination="auto", random_state
         The ensemble's (:class:`AnomalyEnsemble`); ``random_state`` goes to the members too.
     **params
         Parameters of both members' steps by plain name, as in
-        :func:`~skpatchcore.make_patchcore` (``sampling_ratio`` defaults to 0.01, the
-        CLI's). Each member has its own ``backbone`` and ``image_size``: giving them raises.
+        :func:`~skpatchcore.make_patchcore` (its 1% coreset unless ``sampling_ratio`` is
+        given). Each member has its own ``backbone`` and ``image_size``: giving them raises.
 
     Returns
     -------
@@ -345,7 +343,7 @@ def make_ensemble(*, validation_fraction=0.1, contamination="auto", random_state
         raise ValueError(f"The ensemble's members each have their own {' and '.join(fixed)} "
                          f"({ENSEMBLE_MEMBERS}); drop {', '.join(fixed)}, or build an "
                          "AnomalyEnsemble of your own members.")
-    params = {"sampling_ratio": _SAMPLING_RATIO, **params, "random_state": random_state}
+    params = {**params, "random_state": random_state}
     members = [(name, make_patchcore(**own, **params))
                for name, own in ENSEMBLE_MEMBERS.items()]
     return AnomalyEnsemble(members, validation_fraction=validation_fraction,
