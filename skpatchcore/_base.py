@@ -52,6 +52,20 @@ def contamination_offset(train_scores, contamination, name):
     return float(np.percentile(train_scores, 100.0 * contamination))
 
 
+#: Fewer held-out good images than this set a threshold only roughly (a warning says so).
+FEW_HELD_OUT = 10
+
+
+def warn_if_few_held_out(n_held, what):
+    """Warn that ``what`` (set from ``n_held`` held-out good images) is rough when they
+    are fewer than :data:`FEW_HELD_OUT`."""
+    if n_held < FEW_HELD_OUT:
+        warnings.warn(
+            f"Only {n_held} held-out good images set {what}: a rough estimate; hold out more "
+            f"(validation_fraction, or more training images: at least {FEW_HELD_OUT} held "
+            "out), or calibrate(X_good_more) afterwards.", stacklevel=3)
+
+
 def mean_finite(dist):
     """Mean over axis 1 of distances (n, k), skipping inf (a neighbour that does not exist);
     inf when none exists. The one rule every detector applies to missing neighbours."""

@@ -37,7 +37,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset
+from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset, warn_if_few_held_out
 from ._geometry import Geometry, check_sigma, upsample_maps
 from ._images import check_images
 from ._utils import as_one_array, progress, resolve_device
@@ -75,7 +75,8 @@ class TrainedDetector(PixelThresholdMixin, ThresholdMixin, OutlierMixin, BaseEst
     ``resize_mode``, ``max_epochs``, ``batch_size``, ``learning_rate``,
     ``validation_fraction``, ``contamination``, ``device``, ``random_state``, ``verbose``.
 
-    Fitted attributes common to all: ``offset_`` (from the held-out images' scores, by
+    Fitted attributes common to all (fewer than 10 held-out images give a warning that the
+    thresholds are rough): ``offset_`` (from the held-out images' scores, by
     ``contamination``), ``pixel_threshold_`` (the same rule on the peaks of their maps:
     :meth:`predict_mask`'s and the CLI's mask threshold), ``n_train_images_`` (images
     trained on), ``n_validation_images_`` (held-out good images that set ``offset_``),
@@ -253,6 +254,7 @@ class TrainedDetector(PixelThresholdMixin, ThresholdMixin, OutlierMixin, BaseEst
         self.n_epochs_ = len(self.train_loss_)
         self.n_train_images_ = int(len(kept))
         self.n_validation_images_ = int(len(held))
+        warn_if_few_held_out(len(held), "the thresholds (offset_, pixel_threshold_)")
         held_scores, held_maps = self._score_frames(frames[torch.as_tensor(held)])
         name = type(self).__name__
         self.offset_ = contamination_offset(-held_scores, self.contamination, name)

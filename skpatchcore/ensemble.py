@@ -4,7 +4,6 @@ three networks)."""
 
 from __future__ import annotations
 
-import warnings
 from numbers import Real
 
 import numpy as np
@@ -13,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted, check_random_state
 
-from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset
+from ._base import PixelThresholdMixin, ThresholdMixin, contamination_offset, warn_if_few_held_out
 from ._checks import check_model
 from ._geometry import check_sigma
 from ._images import check_images
@@ -28,8 +27,6 @@ ENSEMBLE_MEMBERS = {
     "lite2_320": {"backbone": "efficientnet_lite2", "image_size": 320},
     "lite1_384": {"backbone": "efficientnet_lite1", "image_size": 384},
 }
-#: Fewer held-out images than this give a warning: their quantiles are rough.
-_FEW_HELD_OUT = 10
 #: Smallest spread a member's held-out scores or maps may have (a member that scores every
 #: held-out image alike cannot be put in their units).
 _MIN_SCALE = 1e-12
@@ -219,12 +216,8 @@ class AnomalyEnsemble(PixelThresholdMixin, ThresholdMixin, OutlierMixin, _BaseCo
         self.map_loc_, self.map_scale_ = stats[:, 2].copy(), stats[:, 3].copy()
         self.n_train_images_ = int(n - n_val)
         self.n_validation_images_ = int(n_val)
-        if n_val < _FEW_HELD_OUT:
-            warnings.warn(
-                f"Only {n_val} held-out good images set each member's units and the "
-                f"threshold (offset_, pixel_threshold_), so both are rough; hold out more "
-                f"(validation_fraction, or more training images: at least {_FEW_HELD_OUT} "
-                "held out), or calibrate(X_good_more) afterwards.", stacklevel=2)
+        warn_if_few_held_out(n_val, "each member's units and the threshold (offset_, "
+                                    "pixel_threshold_)")
         self.offset_ = contamination_offset(-held_scores / m, self.contamination,
                                             "AnomalyEnsemble")
         peaks = np.array([float(h.max()) / m for h in held_maps])

@@ -211,3 +211,9 @@ def test_unfitted_and_bad_parameters_are_clear(data):
         Reconstruct(max_epochs=0).fit(X)
     with pytest.raises(ValueError, match="validation_fraction"):
         Reconstruct(validation_fraction=0.9).fit(X)
+
+
+def test_few_held_out_images_warn_that_the_thresholds_are_rough(data):
+    X, y, _ = data
+    with pytest.warns(UserWarning, match="Only 4 held-out good images set the thresholds"):
+        Reconstruct().fit(X[y == 1])
