@@ -59,7 +59,7 @@ def add_model_arguments(parser):
     parser.add_argument("--ensemble", action="store_true",
                         help="patchcore: fit two models, EfficientNet-Lite2 at 320 px and "
                              "EfficientNet-Lite1 at 384 px, and average their standardised "
-                             "scores and maps (more accurate on both development sets; about "
+                             "scores and maps (better maps on both development sets; about "
                              "2.5x the time; the other feature options apply to both)")
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument("--device", default="auto")
