@@ -199,22 +199,24 @@ def _load_for_predict(path):
     from .pipeline import PatchCorePipeline
 
     model = load_model(path, require_detector=True)
-    if isinstance(model, TrainedDetector):
-        model.verbose = False  # one progress bar per phase instead (_predict_into)
-        return model
-    if isinstance(model, AnomalyEnsemble):
-        for member in model.members_:
-            for step in getattr(member, "steps", [(None, member)]):
-                if hasattr(step[1], "verbose"):
-                    step[1].verbose = False
-        return model
-    if not isinstance(model, PatchCorePipeline):
+    if not isinstance(model, TrainedDetector | AnomalyEnsemble | PatchCorePipeline):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a model made by "
                          "'skpatchcore fit'")
-    for _, step in model.steps:  # one progress bar per phase instead (_predict_into)
-        if hasattr(step, "verbose"):
-            step.verbose = False
+    _quiet(model)  # one progress bar per phase instead (_predict_into)
     return model
+
+
+def _quiet(model):
+    """Turn off a model's own progress bars: every step of a pipeline, every member of an
+    ensemble."""
+    if hasattr(model, "members_"):
+        for member in model.members_:
+            _quiet(member)
+    elif hasattr(model, "steps"):
+        for _, step in model.steps:
+            _quiet(step)
+    elif hasattr(model, "verbose"):
+        model.verbose = False
 
 
 def _cmd_predict(args):
