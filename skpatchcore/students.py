@@ -379,6 +379,11 @@ class StudentTeacherDetector(TrainedDetector):
         maps = [f.float() for f in network(x)]
         if "teacher_mean_" not in self.__dict__:
             return maps
+        return self._standardise_descriptors(maps)
+
+    def _standardise_descriptors(self, maps):
+        """Teacher maps (one (b, c, h, w) per layer) in units of ``teacher_mean_`` and
+        ``teacher_std_`` (the layers' channels concatenated)."""
         out, start = [], 0
         for m in maps:
             c = m.shape[1]
@@ -412,13 +417,7 @@ class StudentTeacherDetector(TrainedDetector):
             [t.double().mean(dim=(0, 2, 3)).numpy() for t in targets])
         self.teacher_std_ = np.maximum(np.concatenate(
             [t.double().std(dim=(0, 2, 3)).numpy() for t in targets]), 1e-6)
-        start = 0
-        for k, t in enumerate(targets):
-            c = t.shape[1]
-            mean = torch.as_tensor(self.teacher_mean_[start : start + c]).float()
-            std = torch.as_tensor(self.teacher_std_[start : start + c]).float()
-            targets[k] = (t - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-            start += c
+        targets = self._standardise_descriptors(targets)
 
         students = self._students()
         optimisers = [torch.optim.Adam(s.parameters(), lr=self.learning_rate,
