@@ -64,10 +64,11 @@ def _assert_parity(pipe, model, inputs, frames):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A fitted lite0 model on 64 px synthetic images, its .npz and its ONNX export for
-    non-square 72 x 96 frames."""
+    non-square 72 x 96 frames. It reweights (b = 9) so the graph carries the neighbour lists;
+    the variants below use the pipelines' default b = 1."""
     X, y, _ = make_defect_images(12, 4, image_size=96, random_state=0)
     X = np.ascontiguousarray(X[:, 12:84])  # 72 x 96 frames
-    pipe = _fit(X[:10])
+    pipe = _fit(X[:10], n_reweight_neighbors=9)  # the paper's reweighting: neighbour lists
     folder = tmp_path_factory.mktemp("export")
     npz = save_model(pipe, folder / "model.npz")
     onnx_path = export_onnx(npz, folder / "model.onnx", frame_size=(72, 96))

@@ -19,6 +19,7 @@ from skpatchcore import (
     make_patchcore,
 )
 from skpatchcore.datasets import make_defect_images
+from skpatchcore.pipeline import DEFAULT_REWEIGHT_NEIGHBORS
 
 
 def _pipe(**kw):
@@ -213,7 +214,24 @@ def _steps(memory_mb=128):
     return [("features", FeatureExtractor(image_size=64, batch_size=5,
                                           feature_memory_mb=memory_mb)),
             ("coreset", CoresetSampler(sampling_ratio=0.1, random_state=0)),
-            ("detector", PatchCoreDetector())]
+            ("detector", PatchCoreDetector(n_reweight_neighbors=DEFAULT_REWEIGHT_NEIGHBORS))]
+
+
+def test_factory_scores_an_image_by_its_largest_patch_distance(defects):
+    """make_patchcore's image score is the maximum of its own patch grid (b = 1, measured
+    better than the paper's reweighting on both development sets); b = 9 is one parameter
+    away and only ever lowers a score (its weight lies in [0, 1))."""
+    X, y, _ = defects
+    train, test = X[y == 1][:16], X[16:]
+    pipe = make_patchcore(image_size=64, sampling_ratio=0.1, random_state=0).fit(train)
+    assert pipe[-1].n_reweight_neighbors == DEFAULT_REWEIGHT_NEIGHBORS == 1
+    grids = pipe[-1].predict_map(pipe[:-1].transform(test))
+    largest = grids.reshape(len(test), -1).max(axis=1)
+    np.testing.assert_allclose(-pipe.score_samples(test), largest, rtol=1e-6)
+    paper = clone(pipe).set_params(detector__n_reweight_neighbors=9).fit(train)
+    np.testing.assert_array_equal(paper[-1].memory_bank_, pipe[-1].memory_bank_)
+    reweighted = -paper.score_samples(test)
+    assert (reweighted <= largest * (1 + 1e-6)).all() and (reweighted < largest).any()
 
 
 def test_one_model_however_the_pipeline_is_fitted(defects, tmp_path):
@@ -237,8 +255,8 @@ def test_one_model_however_the_pipeline_is_fitted(defects, tmp_path):
     bank = CoresetSampler(sampling_ratio=0.1, random_state=0).fit_transform(features)
     for name, b in (("copied bank", bank.copy()), ("pickled bank", pickle.loads(
             pickle.dumps(bank))), ("bank", bank)):
-        fitted[name] = Pipeline([("features", ref[0]), ("detector",
-                                                       PatchCoreDetector().fit(b))])
+        detector = PatchCoreDetector(n_reweight_neighbors=DEFAULT_REWEIGHT_NEIGHBORS)
+        fitted[name] = Pipeline([("features", ref[0]), ("detector", detector.fit(b))])
     assert fitted["memory cache hit"][1] is not fitted["memory first fit"][1]
     for name, pipe in fitted.items():
         assert pipe[-1].offset_ == ref[-1].offset_, name
