@@ -304,9 +304,9 @@ def make_ensemble(*, validation_fraction=0.1, contamination="auto", random_state
     EfficientNet-Lite1 at 384 px (:data:`ENSEMBLE_MEMBERS`).
 
     Against the default single model (``evaluate`` on the whole training set,
-    docs/benchmarks.md, "The ensemble estimator"): tire image AUROC 0.828 -> 0.852, pixel
-    AUROC 0.990 -> 0.995, AUPRO 0.955 -> 0.976; MTD image AUROC 0.952 -> 0.950, pixel AUROC
-    0.869 -> 0.872, AUPRO 0.797 -> 0.816; 2.3 to 2.9 times the fit and scoring time.
+    docs/benchmarks.md, "The ensemble estimator"): tire image AUROC 0.832 -> 0.843, pixel
+    AUROC 0.990 -> 0.995, AUPRO 0.955 -> 0.976; MTD image AUROC 0.955 -> 0.952, pixel AUROC
+    0.869 -> 0.872, AUPRO 0.797 -> 0.816; 2.3 to 2.7 times the fit and scoring time.
 
     Parameters
     ----------
