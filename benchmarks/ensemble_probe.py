@@ -25,6 +25,7 @@ a 1% coreset (given explicitly: ``make_model``'s default before it became 1% was
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,9 +40,12 @@ DEFAULT_MEMBERS = tuple(f"patchcore:backbone=efficientnet_lite{i},sampling_ratio
 
 
 def parse_member(text):
-    """'patchcore:backbone=efficientnet_lite0,image_size=384' -> ('patchcore', {...})."""
+    """'patchcore:backbone=efficientnet_lite0,image_size=384' -> ('patchcore', {...}); a
+    value may be a list or tuple (``layers=['blocks.2','blocks.4']``: commas inside brackets
+    do not split)."""
     method, _, rest = text.partition(":")
-    return method, dict(parse_param(item) for item in filter(None, rest.split(",")))
+    items = re.split(r",(?![^\[(]*[\])])", rest)
+    return method, dict(parse_param(item) for item in filter(None, items))
 
 
 def standardise(values, reference):
