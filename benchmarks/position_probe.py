@@ -64,7 +64,7 @@ def main(argv=None):
     from skpatchcore._images import check_images
     from skpatchcore.datasets import load_masks, load_mvtec
     from skpatchcore.methods import make_model
-    from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+    from skpatchcore.metrics import aupro, image_auroc, image_auroc_by_type, pixel_auroc
 
     for root in args.root or [str(DATASETS / "mtd"), str(DATASETS / "tire")]:
         data = load_mvtec(root)
@@ -80,7 +80,6 @@ def main(argv=None):
         _, grids = detector.score_and_map(extractor.transform(data.test))
         y = np.asarray(data.y_test) == -1
         types = np.asarray(data.defect_type)
-        good = types == "good"
         sizes = check_images(data.test).sizes()
         masks = None
         r2 = float(loo.mean(0).var() / loo.var())
@@ -95,8 +94,7 @@ def main(argv=None):
             if masks is None:
                 masks = load_masks(data.mask_paths, [m.shape for m in maps])
             score = normalised.reshape(len(normalised), -1).max(axis=1)
-            by_type = [image_auroc(np.r_[np.zeros(good.sum()), np.ones((types == t).sum())],
-                                   np.r_[score[good], score[types == t]]) for t in kinds]
+            by_type = image_auroc_by_type(types, score).values()
             print(f"| {name} | {image_auroc(y, score):.3f} | "
                   + " | ".join(f"{v:.3f}" for v in by_type)
                   + f" | {pixel_auroc(masks, maps):.3f} | "

@@ -85,7 +85,7 @@ def main(argv=None):
     from skpatchcore._images import check_images
     from skpatchcore.datasets import load_masks, load_mvtec
     from skpatchcore.methods import make_model
-    from skpatchcore.metrics import aupro, image_auroc, pixel_auroc
+    from skpatchcore.metrics import aupro, image_auroc, image_auroc_by_type, pixel_auroc
 
     options = {}
     if args.backbone:
@@ -111,7 +111,6 @@ def main(argv=None):
         masks = load_masks(data.mask_paths, [m.shape for m in maps])
         y = np.asarray(data.y_test) == -1
         types = np.asarray(data.defect_type)
-        good = types == "good"
         kinds = sorted(set(types) - {"good"})
         print(f"\n{Path(root).name} ({args.augment}, ratio {ratio:.4f}, seed {args.seed}, "
               f"{options or 'defaults'}): fit {fit_s:.0f} s, {ms:.0f} ms per test image, "
@@ -119,11 +118,10 @@ def main(argv=None):
         print("| image score | image AUROC | " + " | ".join(kinds) + " |")
         print("|---|---|" + "---|" * len(kinds))
         for name, score in image_scores(-np.asarray(default), grids, maps).items():
-            by_type = [image_auroc(np.r_[np.zeros(good.sum()), np.ones((types == t).sum())],
-                                   np.r_[score[good], score[types == t]]) for t in kinds]
+            by_type = image_auroc_by_type(types, score).values()
             print(f"| {name} | {image_auroc(y, score):.3f} | "
                   + " | ".join(f"{v:.3f}" for v in by_type) + " |", flush=True)
-        side = max(extractor.grid_shape_) * 8  # roughly the network input's longer side
+        side = max(np.broadcast_to(extractor.image_size, 2))  # the frame's longer side
         print("| map smoothing | pixel AUROC | AUPRO@0.3 |\n|---|---|---|")
         for sigma in [4.0, 8.0, 12.0, 16.0] + ([4.0 * side / 320] if side != 320 else []):
             smoothed = maps if sigma == 4.0 else extractor.maps_to_images(grids, sizes, sigma)

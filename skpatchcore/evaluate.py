@@ -30,7 +30,7 @@ from ._options import (
 from ._utils import check_writable
 from .datasets import load_masks, load_mvtec
 from .methods import check_model, is_trained, make_model, pixel_threshold
-from .metrics import aupro, image_auroc, pixel_auroc
+from .metrics import aupro, image_auroc, image_auroc_by_type, pixel_auroc
 
 __all__ = ["evaluate", "main"]
 
@@ -153,11 +153,7 @@ def evaluate(root, *, method="patchcore", category=None, fpr_limit=0.3, save_map
     # each defect type against the good test images: that type's images and the good ones
     good = types == "good"
     defect_types = sorted(set(types) - {"good"})
-    results["image_auroc_by_type"] = {
-        t: image_auroc(np.r_[np.zeros(good.sum()), np.ones((types == t).sum())],
-                       np.r_[-scores[good], -scores[types == t]])
-        for t in defect_types
-    }
+    results["image_auroc_by_type"] = image_auroc_by_type(types, -scores)
     results["pixel_auroc_by_type"] = {}
     for t in defect_types:
         pick = np.flatnonzero((good | (types == t)) & has_mask)

@@ -45,6 +45,7 @@ __all__ = [
     "aupro",
     "aupro_scorer",
     "image_auroc",
+    "image_auroc_by_type",
     "image_auroc_scorer",
     "pixel_auroc",
     "pixel_auroc_scorer",
@@ -221,6 +222,45 @@ def image_auroc(is_anomalous, anomaly_scores):
             f"{'anomalous' if n_pos else 'normal'} images ({is_anomalous.size})."
         )
     return float(roc_auc_score(is_anomalous, anomaly_scores))
+
+
+def image_auroc_by_type(types, anomaly_scores, normal="good"):
+    """:func:`image_auroc` of each defect type against the normal images alone.
+
+    Parameters
+    ----------
+    types : array-like of str, shape (n_images,)
+        Each image's type, for example the test sub-folder of an MVTec layout
+        (``defect_type`` of :func:`~skpatchcore.datasets.load_mvtec`).
+    anomaly_scores : array-like of shape (n_images,)
+        Image scores, higher = more anomalous (``-score_samples``).
+    normal : str, default='good'
+        The type of the normal images.
+
+    Returns
+    -------
+    aurocs : dict
+        ``{type: auroc}`` for every type other than ``normal``, sorted by name: that type's
+        images (positive) ranked against the normal ones, the other types left out.
+
+    Examples
+    --------
+    >>> from skpatchcore.metrics import image_auroc_by_type
+    >>> image_auroc_by_type(["good", "good", "cut", "hole"], [0.1, 0.4, 0.3, 0.9])
+    {'cut': 0.5, 'hole': 1.0}
+    """
+    types = np.asarray(types)
+    anomaly_scores = np.asarray(anomaly_scores, dtype=np.float64)
+    if types.shape != anomaly_scores.shape:
+        raise ValueError(f"types has shape {types.shape} but anomaly_scores has "
+                         f"{anomaly_scores.shape}; pass one type and one score per image.")
+    if not (types == normal).any():
+        raise ValueError(f"no image has the normal type {normal!r}; pass normal= the type of "
+                         "the normal images.")
+    good = types == normal
+    return {t: image_auroc(np.r_[np.zeros(good.sum()), np.ones((types == t).sum())],
+                           np.r_[anomaly_scores[good], anomaly_scores[types == t]])
+            for t in sorted(set(types.tolist()) - {normal})}
 
 
 # --------------------------------------------------------------------------------------------

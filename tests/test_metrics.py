@@ -13,6 +13,7 @@ from skpatchcore.metrics import (
     aupro,
     aupro_scorer,
     image_auroc,
+    image_auroc_by_type,
     image_auroc_scorer,
     pixel_auroc,
     pixel_auroc_scorer,
@@ -384,6 +385,29 @@ def _scorer_data():
     X[masks] += rng.uniform(0.0, 1.5, size=masks.sum())
     y = np.where(masks.any(axis=(1, 2)), -1, 1)
     return X, y, masks
+
+
+def test_image_auroc_by_type_ranks_each_type_against_the_normal_images_only():
+    types = ["good", "good", "good", "cut", "cut", "hole", "hole"]
+    scores = [0.1, 0.5, 0.3, 0.4, 0.2, 0.9, 0.6]
+    # cut: 0.4 beats 0.1 and 0.3, 0.2 beats 0.1 -> 3 of 6 pairs; hole beats every good one.
+    # The holes' high scores do not count against the cuts.
+    assert image_auroc_by_type(types, scores) == {"cut": 0.5, "hole": 1.0}
+    assert list(image_auroc_by_type(["ok", "z", "a", "ok"], [0, 1, 1, 0], normal="ok")) == [
+        "a", "z"]
+    with pytest.raises(ValueError, match="normal type 'good'"):
+        image_auroc_by_type(["cut", "hole"], [0.1, 0.2])
+    with pytest.raises(ValueError, match="one type and one score per image"):
+        image_auroc_by_type(["good", "cut"], [0.1])
+
+
+@given(st.lists(st.floats(-10, 10), min_size=2, max_size=12),
+       st.lists(st.floats(-10, 10), min_size=1, max_size=12))
+def test_image_auroc_by_type_of_one_type_is_image_auroc(normal, defective):
+    scores = normal + defective
+    types = ["good"] * len(normal) + ["defect"] * len(defective)
+    expected = image_auroc([t != "good" for t in types], scores)
+    assert image_auroc_by_type(types, scores) == {"defect": expected}
 
 
 def test_image_auroc_scorer_matches_roc_auc():
