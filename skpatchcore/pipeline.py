@@ -10,6 +10,7 @@ adds is the one path from images to scores and maps at each image's own pixels
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -269,17 +270,15 @@ def make_anomaly_pipeline(method="patchcore", **params):
     -------
     pipeline : PatchCorePipeline
     """
-    detectors = {"patchcore": PatchCoreDetector, "spade": SPADEDetector,
-                 "padim": PaDiMDetector}
+    detectors = {"patchcore": partial(PatchCoreDetector,
+                                      n_reweight_neighbors=DEFAULT_REWEIGHT_NEIGHBORS),
+                 "spade": SPADEDetector, "padim": PaDiMDetector}
     if method not in detectors:
         raise ValueError(f"method={method!r} is not one of {sorted(detectors)}.")
     steps = [("features", FeatureExtractor())]
     if method != "padim":
         steps.append(("coreset", CoresetSampler(sampling_ratio=DEFAULT_SAMPLING_RATIO)))
-    detector = detectors[method]()
-    if method == "patchcore":
-        detector.set_params(n_reweight_neighbors=DEFAULT_REWEIGHT_NEIGHBORS)
-    steps.append(("detector", detector))
+    steps.append(("detector", detectors[method]()))
     unused = set(params)
     for _, step in steps:
         own = {k: v for k, v in params.items() if k in step.get_params(deep=False)}
